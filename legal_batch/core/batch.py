@@ -1,0 +1,370 @@
+"""The shared batch machinery every flow runs through: plan → file → submit → poll → download → ingest.
+
+Each stage is a plain function over a database connection, a flow and a provider; Dagster assets,
+sensors and the CLI call these and nothing else. Every stage is idempotent: running it again after
+a crash or twice in a row changes nothing that was already done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+
+from legal_batch.core import ledger
+from legal_batch.core.cost import price
+from legal_batch.core.flow import Flow, Item
+from legal_batch.core.jsonl import atomic_writer
+from legal_batch.core.ledger import JobRow, PlanResult, ShardLimits
+from legal_batch.providers.base import (
+    TERMINAL_STATES,
+    BatchProvider,
+    JobStatus,
+    ProviderError,
+    ProviderQuotaError,
+    SubmittedJob,
+)
+
+log = logging.getLogger("legal_batch")
+
+SUBMIT_BACKOFF_SECONDS = (60, 300, 900, 1800, 3600)
+
+
+class ShardNotReady(RuntimeError):
+    """The shard is not in a state this stage can act on; the message says what to do."""
+
+
+# -- plan ---------------------------------------------------------------------------------------------
+
+def plan(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, *, model: str,
+         cap_records: int | None = None, max_shards: int | None = 100) -> PlanResult:
+    """Cut new shards from the flow's candidates (see `ledger.plan_shards`)."""
+    sql, params = flow.candidate_sql()
+    limits = ShardLimits.of(provider.limits, cap_records=cap_records)
+    return ledger.plan_shards(
+        conn, flow=flow.name, provider=provider.name, model=model, candidate_sql=sql, params=params,
+        limits=limits, max_shards=max_shards,
+    )
+
+
+# -- request files ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RequestFile:
+    path: Path
+    lines: int
+    bytes: int
+    est_input_tokens: int
+    est_cost_usd: float
+    realtime_cost_usd: float
+    preview: str
+
+
+def request_file_path(files_root: Path, flow: str, shard_key: str) -> Path:
+    return files_root / "requests" / flow / f"{shard_key}.jsonl"
+
+
+def write_request_file(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
+                       files_root: Path) -> RequestFile:
+    """Write the shard's JSONL request file (streamed) and record it on the job."""
+    job = ledger.get_job(conn, shard_key)
+    path = request_file_path(files_root, flow.name, shard_key)
+    if job.state not in ("planned", "exported"):
+        if not path.exists():
+            raise ShardNotReady(f"shard {shard_key} is already {job.state} and its request file {path} is gone")
+        return RequestFile(path, job.request_count, path.stat().st_size, job.est_input_tokens or 0,
+                           float(job.est_cost_usd or 0), 0.0, "(already submitted)")
+    lines = size = 0
+    preview = ""
+    max_bytes = provider.limits.max_bytes_per_file
+    with atomic_writer(path) as out, conn.transaction():  # the transaction holds the server-side cursor
+        for request in flow.requests(conn, job.id):
+            line = provider.format_line(request, endpoint=flow.endpoint, model=job.model)
+            if lines == 0:
+                preview = line[:300].decode("utf-8", "replace")
+            out.write(line)
+            lines += 1
+            size += len(line)
+            if size > max_bytes:
+                raise ShardNotReady(
+                    f"shard {shard_key}: request file passed the provider's {max_bytes} byte limit at line "
+                    f"{lines}; lower LEGAL_BATCH_SHARD_MAX_RECORDS and plan again"
+                )
+    if lines != job.request_count:
+        raise ShardNotReady(
+            f"shard {shard_key}: {lines} request lines for {job.request_count} ledger items — the source rows "
+            "changed after planning; check the items of this job in batch_items"
+        )
+    tokens = job.est_input_tokens or 0
+    cost = price(job.model, input_tokens=tokens)
+    with conn.transaction():
+        ledger.update_job(conn, job.id, state="exported", input_location=str(path), input_bytes=size,
+                          est_cost_usd=cost.batch_usd)
+    return RequestFile(path, lines, size, tokens, float(cost.batch_usd), float(cost.realtime_usd), preview)
+
+
+# -- submit -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    shard_key: str
+    state: str
+    provider_job_id: str | None
+    message: str
+
+
+def submit_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
+                 max_attempts: int = 3) -> SubmitOutcome:
+    """Submit the shard's request file once. The job row is marked `submitting` (with the client
+    token the provider echoes) before the provider call, so a crash in between is reconciled by
+    `find_job`, never submitted twice."""
+    with conn.transaction():
+        job = ledger.get_job(conn, shard_key, for_update=True)
+        if job.state in ("planned",):
+            raise ShardNotReady(f"shard {shard_key}: request file not written yet; materialize its request file")
+        if job.state not in ("exported", "submitting"):
+            return SubmitOutcome(shard_key, job.state, job.provider_job_id,
+                                 f"already submitted as {job.provider_job_id} ({job.state}); nothing to do")
+        if job.next_submit_at is not None and job.next_submit_at > datetime.now(UTC):
+            return SubmitOutcome(shard_key, job.state, None,
+                                 f"held back after a quota refusal until {job.next_submit_at:%Y-%m-%d %H:%M:%S} UTC")
+        if job.state == "submitting":
+            found = provider.find_job(client_token=job.client_token)
+            if found is not None:
+                _record_submitted(conn, job, found)
+                return SubmitOutcome(shard_key, found.status.state, found.provider_job_id,
+                                     f"reconciled: the provider already had job {found.provider_job_id} "
+                                     f"for token {job.client_token}; not submitted again")
+        ledger.update_job(conn, job.id, state="submitting", submit_attempts=job.submit_attempts + 1)
+    try:
+        submitted = provider.submit(request_file=Path(job.input_location or ""), endpoint=flow.endpoint,
+                                    model=job.model, client_token=job.client_token, shard_key=shard_key)
+    except ProviderQuotaError as exc:
+        delay = exc.retry_after or SUBMIT_BACKOFF_SECONDS[min(job.submit_attempts, len(SUBMIT_BACKOFF_SECONDS) - 1)]
+        with conn.transaction():
+            ledger.update_job(conn, job.id, state="exported", last_error=f"quota: {exc}",
+                              next_submit_at=datetime.now(UTC) + timedelta(seconds=delay))
+        return SubmitOutcome(shard_key, "exported", None, f"provider quota refused the job ({exc}); requeued, "
+                             f"next try in {delay:.0f} s")
+    except ProviderError as exc:
+        if exc.retryable:
+            raise  # left `submitting`: the next attempt reconciles first
+        with conn.transaction():
+            ledger.update_job(conn, job.id, state="failed", last_error=f"submit refused: {exc}",
+                              finished_at=datetime.now(UTC))
+            retry, failed = ledger.release_items(conn, job.id, reason=f"shard {shard_key} refused at submit: {exc}",
+                                                 max_attempts=max_attempts)
+        return SubmitOutcome(shard_key, "failed", None, f"provider refused the job: {exc}; {retry} items "
+                             f"requeued for a later shard, {failed} failed after {max_attempts} attempts")
+    with conn.transaction():
+        _record_submitted(conn, job, submitted)
+    return SubmitOutcome(shard_key, submitted.status.state, submitted.provider_job_id,
+                         f"submitted {job.request_count} requests as {submitted.provider_job_id}")
+
+
+def _record_submitted(conn: psycopg.Connection, job: JobRow, submitted: SubmittedJob) -> None:
+    ledger.update_job(conn, job.id, provider_job_id=submitted.provider_job_id, state=submitted.status.state,
+                      provider_status=submitted.status.raw_status, submitted_at=datetime.now(UTC),
+                      input_location=submitted.input_location, next_submit_at=None, last_error=None)
+    conn.execute(
+        "UPDATE batch_items SET state = 'submitted', attempts = attempts + 1, updated_at = now()"
+        " WHERE job_id = %s AND state = 'exported'",
+        (job.id,),
+    )
+
+
+# -- poll ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Polled:
+    job: JobRow
+    status: JobStatus
+
+
+def poll_open_jobs(conn: psycopg.Connection, providers: Callable[[str], BatchProvider], *, flow: str,
+                   max_jobs: int = 50, time_budget_s: float = 40.0) -> list[Polled]:
+    """Poll the least recently updated open jobs (bounded in count and time); record their status.
+
+    Returns every polled job; terminal ones are ready for download and ingest."""
+    started = time.monotonic()
+    polled: list[Polled] = []
+    for job in ledger.list_jobs(conn, flow=flow, states=("submitting", "pending", "running"), limit=max_jobs):
+        if time.monotonic() - started > time_budget_s:
+            break
+        provider = providers(job.provider)
+        if job.provider_job_id is None:
+            found = provider.find_job(client_token=job.client_token)
+            if found is None:
+                continue  # a submit is in flight or crashed before the provider call; submit reconciles
+            with conn.transaction():
+                _record_submitted(conn, job, found)
+            job = ledger.get_job(conn, job.shard_key)
+        status = provider.poll(job.provider_job_id or "")
+        with conn.transaction():
+            values: dict[str, object] = dict(
+                state=status.state, provider_status=status.raw_status, completed_count=status.completed,
+                failed_count=status.failed, output_location=status.output_location or job.output_location,
+                error_location=status.error_location or job.error_location,
+            )
+            if status.message:
+                values["last_error"] = status.message
+            if status.terminal and job.finished_at is None:
+                values["finished_at"] = datetime.now(UTC)
+            ledger.update_job(conn, job.id, **values)
+        polled.append(Polled(ledger.get_job(conn, job.shard_key), status))
+    return polled
+
+
+def status_of(job: JobRow) -> JobStatus:
+    """The last recorded provider status of a job."""
+    return JobStatus(state=job.state if job.state in TERMINAL_STATES else "running",  # type: ignore[arg-type]
+                     raw_status=job.provider_status or job.state, total=job.request_count,
+                     completed=job.completed_count, failed=job.failed_count, output_location=job.output_location,
+                     error_location=job.error_location, message=job.last_error)
+
+
+# -- download -----------------------------------------------------------------------------------------
+
+def output_dir(files_root: Path, flow: str, shard_key: str) -> Path:
+    return files_root / "outputs" / flow / shard_key
+
+
+def download_outputs(conn: psycopg.Connection, provider: BatchProvider, shard_key: str, *,
+                     files_root: Path) -> list[Path]:
+    """Fetch a terminal job's output and error files to local disk (again, if asked twice)."""
+    job = ledger.get_job(conn, shard_key)
+    if job.state == "ingested":
+        dest = output_dir(files_root, job.flow, shard_key)
+        return sorted(dest.glob("*")) if dest.exists() else []
+    if job.state not in TERMINAL_STATES:
+        raise ShardNotReady(
+            f"shard {shard_key}: provider job {job.provider_job_id} is {job.state}, not finished; the job-status "
+            "sensor requests the download when it is"
+        )
+    if job.provider_job_id is None:
+        return []  # refused at submit: nothing to download
+    dest = output_dir(files_root, job.flow, shard_key)
+    files = provider.download(job.provider_job_id, status_of(job), dest)
+    return files
+
+
+# -- ingest -------------------------------------------------------------------------------------------
+
+@dataclass
+class IngestReport:
+    shard_key: str
+    provider_job_id: str | None
+    already_ingested: bool = False
+    rows_written: int = 0
+    done: int = 0
+    retryable: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    actual_cost_usd: float = 0.0
+    problems: list[str] = field(default_factory=list)
+    """Lines that could not be tied to an item: malformed, unknown id, duplicates (file:line and why)."""
+
+    def summary(self) -> str:
+        if self.already_ingested:
+            return f"shard {self.shard_key} was already ingested; nothing changed"
+        text = (f"shard {self.shard_key} ({self.provider_job_id}): {self.done} done, {self.retryable} retryable, "
+                f"{self.failed} failed, {self.rows_written} rows written")
+        if self.problems:
+            text += f"; {len(self.problems)} output lines unusable (first: {self.problems[0]})"
+        return text
+
+
+def ingest_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
+                 files: list[Path], max_attempts: int = 3, on_progress: Callable[[int], None] | None = None
+                 ) -> IngestReport:
+    """Ingest a terminal shard in ONE transaction: results upserted and items closed together.
+
+    Every item of the shard ends `done`, `retryable` (attempts left) or `failed` (with the reason:
+    file, line, id and what was wrong). Running it again changes nothing."""
+    with conn.transaction():
+        job = ledger.get_job(conn, shard_key, for_update=True)
+        report = IngestReport(shard_key, job.provider_job_id)
+        if job.state == "ingested":
+            report.already_ingested = True
+            return report
+        if job.state not in TERMINAL_STATES:
+            raise ShardNotReady(f"shard {shard_key}: job {job.provider_job_id} is {job.state}; ingest after it finishes")
+        items = {
+            row[2]: Item(*row)
+            for row in conn.execute(
+                "SELECT id, subject_key, custom_id FROM batch_items WHERE job_id = %s AND state = 'submitted'",
+                (job.id,),
+            )
+        }
+        outcomes: dict[int, tuple[str, str | None]] = {}
+        sink = flow.sink(conn, model=job.model)
+        count = 0
+        for result in provider.iter_results(files, endpoint=flow.endpoint):
+            count += 1
+            if on_progress is not None and count % 1000 == 0:
+                on_progress(count)
+            report.input_tokens += result.input_tokens
+            report.output_tokens += result.output_tokens
+            where = f"{result.where} of job {job.provider_job_id}"
+            if result.custom_id is None:
+                report.problems.append(f"{where}: {result.error}")
+                continue
+            item = items.get(result.custom_id)
+            if item is None:
+                report.problems.append(f"{where}: unknown custom id {result.custom_id!r} (not a request of this shard)")
+                continue
+            if item.id in outcomes and outcomes[item.id][0] == "done":
+                report.problems.append(f"{where}: duplicate result for {result.custom_id!r}; the first was kept")
+                continue
+            if result.error is not None:
+                state = "retryable" if result.retryable else "failed"
+                outcomes[item.id] = (state, f"{where}, {result.custom_id}: {result.error}")
+                continue
+            reason = sink.accept(item, result)
+            outcomes[item.id] = ("done", None) if reason is None else (
+                "retryable", f"{where}, {result.custom_id}: {reason}")
+        report.rows_written = sink.finish()
+        missing_reason = f"no result for this request in the output of job {job.provider_job_id} ({job.state})"
+        if report.problems:
+            missing_reason += f"; {len(report.problems)} output lines were unusable, e.g. {report.problems[0]}"
+        for item in items.values():
+            outcomes.setdefault(item.id, ("retryable", missing_reason))
+        _apply_outcomes(conn, job.id, outcomes, max_attempts=max_attempts)
+        counts = dict(conn.execute(
+            "SELECT state, count(*) FROM batch_items WHERE job_id = %s GROUP BY state", (job.id,)).fetchall())
+        report.done = counts.get("done", 0)
+        report.retryable = counts.get("retryable", 0)
+        report.failed = counts.get("failed", 0)
+        cost = price(job.model, input_tokens=report.input_tokens, output_tokens=report.output_tokens)
+        report.actual_cost_usd = float(cost.batch_usd)
+        ledger.update_job(
+            conn, job.id, state="ingested", ingested_at=datetime.now(UTC), input_tokens=report.input_tokens,
+            output_tokens=report.output_tokens, actual_cost_usd=cost.batch_usd, items_done=report.done,
+            items_retryable=report.retryable, items_failed=report.failed,
+            last_error=("; ".join(report.problems[:5]))[:2000] if report.problems else job.last_error,
+        )
+    return report
+
+
+def _apply_outcomes(conn: psycopg.Connection, job_id: int, outcomes: dict[int, tuple[str, str | None]], *,
+                    max_attempts: int) -> None:
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS item_outcomes (id bigint, state text, error text) ON COMMIT DROP")
+    conn.execute("TRUNCATE item_outcomes")
+    with conn.cursor().copy("COPY item_outcomes (id, state, error) FROM STDIN") as copy:
+        for item_id, (state, error) in outcomes.items():
+            copy.write_row((item_id, state, error))
+    conn.execute(
+        "UPDATE batch_items i SET state = CASE WHEN o.state = 'retryable' AND i.attempts >= %s THEN 'failed'"
+        "   ELSE o.state END,"
+        " last_error = CASE WHEN o.state = 'retryable' AND i.attempts >= %s"
+        "   THEN o.error || ' (gave up after ' || i.attempts || ' attempts)' ELSE o.error END,"
+        " updated_at = now()"
+        " FROM item_outcomes o WHERE i.id = o.id AND i.job_id = %s AND i.state = 'submitted'",
+        (max_attempts, max_attempts, job_id),
+    )

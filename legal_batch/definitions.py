@@ -1,0 +1,19 @@
+"""Assembles the Dagster definitions; nothing else."""
+
+import dagster as dg
+
+from legal_batch.flows.embeddings.assets import DEFS as EMBEDDINGS
+from legal_batch.resources import ProvidersResource, DatabaseResource, FileStoreResource
+
+FLOWS_BY_NAME = {"embeddings": EMBEDDINGS}
+
+defs = dg.Definitions(
+    assets=[asset for flow in FLOWS_BY_NAME.values() for asset in flow.assets],
+    jobs=[job for flow in FLOWS_BY_NAME.values() for job in flow.jobs],
+    sensors=[sensor for flow in FLOWS_BY_NAME.values() for sensor in flow.sensors],
+    resources={
+        "database": DatabaseResource(),
+        "files": FileStoreResource(),
+        "providers": ProvidersResource(),
+    },
+)

@@ -1,0 +1,281 @@
+"""The Dagster shape every batch flow shares, built once: candidates → request files (one dynamic
+partition per shard) → batch jobs → batch outputs → results, the two sensors and the three jobs.
+
+A flow folder supplies its names, how to build its `Flow`, an optional preparation step (e.g.
+chunking) and its result checks; the asset bodies only orchestrate `core.batch` functions.
+"""
+
+
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+from dataclasses import dataclass
+
+import dagster as dg
+import psycopg
+
+from legal_batch.core import batch, ledger
+from legal_batch.core.flow import Flow
+from legal_batch.providers.base import BatchProvider
+from legal_batch.resources import DatabaseResource, FileStoreResource, ProvidersResource, get_settings
+
+Prepare = Callable[[dg.AssetExecutionContext, psycopg.Connection, "CandidatesConfig"], dict]
+ResultChecks = Callable[[psycopg.Connection, ledger.JobRow], list[dg.AssetCheckResult]]
+
+
+class CandidatesConfig(dg.Config):
+    """`limit`: at most this many source records (cases, rows) this run; unset = all."""
+
+    limit: int | None = None
+    max_shards: int = 100
+
+
+@dataclass(frozen=True)
+class FlowNames:
+    flow: str               # ledger flow name, e.g. "embeddings"
+    prefix: str             # asset prefix, e.g. "embedding"
+    results: str            # result asset, e.g. "case_embeddings"
+
+    @property
+    def group(self) -> str:
+        return self.flow
+
+
+@dataclass(frozen=True)
+class FlowDefinitions:
+    partitions: dg.DynamicPartitionsDefinition
+    assets: list[dg.AssetsDefinition]
+    jobs: list[Any]
+    sensors: list[dg.SensorDefinition]
+    candidates_job: Any
+    submit_job: Any
+    ingest_job: Any
+    status_sensor: dg.SensorDefinition
+    planner_sensor: dg.SensorDefinition
+
+
+def build_flow_definitions(
+    names: FlowNames,
+    *,
+    make_flow: Callable[[BatchProvider, CandidatesConfig | None], Flow],
+    prepare: Prepare | None = None,
+    has_unprepared: Callable[[psycopg.Connection], bool] | None = None,
+    result_check_specs: Sequence[dg.AssetCheckSpec] = (),
+    result_checks: ResultChecks | None = None,
+    descriptions: dict[str, str],
+) -> FlowDefinitions:
+    """Assets, jobs and sensors of one batch flow (see the module docstring)."""
+    partitions = dg.DynamicPartitionsDefinition(name=f"{names.prefix}_shards")
+    candidates_key = f"{names.prefix}_candidates"
+    files_key = f"{names.prefix}_request_files"
+    jobs_key = f"{names.prefix}_batch_jobs"
+    outputs_key = f"{names.prefix}_batch_outputs"
+    pool = f"{names.flow}_provider"
+
+    @dg.asset(name=candidates_key, group_name=names.group, description=descriptions["candidates"])
+    def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, database: DatabaseResource,
+                   providers: ProvidersResource) -> dg.MaterializeResult:
+        provider = providers.for_flow(names.flow)
+        flow = make_flow(provider, config)
+        with database.connect() as conn:
+            prepared = prepare(context, conn, config) if prepare else {}
+            model = getattr(flow, "model", None) or provider.default_model(flow.endpoint)
+            result = batch.plan(conn, flow, provider, model=model, cap_records=get_settings().shard_max_records,
+                                max_shards=config.max_shards)
+            totals = ledger.summary(conn, names.flow)
+        if result.shard_keys:
+            context.instance.add_dynamic_partitions(partitions.name, result.shard_keys)
+        message = (f"{result.planned_items} new requests in {len(result.shard_keys)} shards"
+                   if result.shard_keys else "no new candidates: nothing to submit")
+        context.log.info(message)
+        return dg.MaterializeResult(metadata={
+            **prepared,
+            "dagster/row_count": result.planned_items,
+            "new_shards": dg.MetadataValue.json(result.shard_keys),
+            "rejected_items": result.rejected_items,
+            "held_back_items": result.held_back,
+            "items_by_state": dg.MetadataValue.json(totals.items_by_state),
+            "provider": provider.name,
+            "summary": message,
+        })
+
+    @dg.asset(name=files_key, group_name=names.group, partitions_def=partitions, deps=[candidates],
+              description=descriptions["request_files"])
+    def request_files(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
+                      providers: ProvidersResource) -> dg.MaterializeResult:
+        shard_key = context.partition_key
+        with database.connect() as conn:
+            job = ledger.get_job(conn, shard_key)
+            provider = providers.named(job.provider)
+            written = batch.write_request_file(conn, make_flow(provider, None), provider, shard_key,
+                                               files_root=files.path())
+        return dg.MaterializeResult(metadata={
+            "dagster/row_count": written.lines,
+            "path": dg.MetadataValue.path(str(written.path)),
+            "bytes": written.bytes,
+            "est_input_tokens": written.est_input_tokens,
+            "est_cost_usd": written.est_cost_usd,
+            "realtime_equivalent_usd": written.realtime_cost_usd,
+            "preview": dg.MetadataValue.md(f"```json\n{written.preview}\n```"),
+        })
+
+    @dg.asset(name=jobs_key, group_name=names.group, partitions_def=partitions, deps=[request_files], pool=pool,
+              description=descriptions["batch_jobs"],
+              retry_policy=dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL))
+    def batch_jobs(context: dg.AssetExecutionContext, database: DatabaseResource,
+                   providers: ProvidersResource) -> dg.MaterializeResult:
+        with database.connect() as conn:
+            job = ledger.get_job(conn, context.partition_key)
+            provider = providers.named(job.provider)
+            outcome = batch.submit_shard(conn, make_flow(provider, None), provider, context.partition_key,
+                                         max_attempts=get_settings().max_attempts)
+            job = ledger.get_job(conn, context.partition_key)
+        context.log.info(outcome.message)
+        return dg.MaterializeResult(metadata={
+            "dagster/row_count": job.request_count,
+            "provider": job.provider,
+            "provider_job_id": outcome.provider_job_id or "",
+            "client_token": job.client_token,
+            "state": outcome.state,
+            "est_cost_usd": float(job.est_cost_usd or 0),
+            "summary": outcome.message,
+        })
+
+    @dg.asset(name=outputs_key, group_name=names.group, partitions_def=partitions, deps=[batch_jobs],
+              description=descriptions["batch_outputs"],
+              retry_policy=dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL))
+    def batch_outputs(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
+                      providers: ProvidersResource) -> dg.MaterializeResult:
+        with database.connect() as conn:
+            job = ledger.get_job(conn, context.partition_key)
+            provider = providers.named(job.provider)
+            paths = batch.download_outputs(conn, provider, context.partition_key, files_root=files.path())
+        return dg.MaterializeResult(metadata={
+            "dagster/row_count": job.request_count,
+            "provider_job_id": job.provider_job_id or "",
+            "provider_status": job.provider_status or job.state,
+            "files": dg.MetadataValue.json([str(p) for p in paths]),
+            "bytes": sum(p.stat().st_size for p in paths),
+        })
+
+    accounted = dg.AssetCheckSpec("shard_items_accounted", asset=names.results,
+                                  description="Every request of the shard ended done, retryable or failed.")
+
+    @dg.asset(name=names.results, group_name=names.group, partitions_def=partitions, deps=[batch_outputs],
+              description=descriptions["results"],
+              check_specs=[accounted, *result_check_specs],
+              retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL))
+    def results(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
+                providers: ProvidersResource) -> dg.MaterializeResult:
+        shard_key = context.partition_key
+        with database.connect() as conn:
+            job = ledger.get_job(conn, shard_key)
+            provider = providers.named(job.provider)
+            paths = sorted(p for p in batch.output_dir(files.path(), names.flow, shard_key).glob("*")
+                           if p.is_file()) if job.state != "ingested" else []
+            report = batch.ingest_shard(conn, make_flow(provider, None), provider, shard_key, files=paths,
+                                        max_attempts=get_settings().max_attempts,
+                                        on_progress=lambda n: context.log.info(f"{shard_key}: {n} result lines read"))
+            job = ledger.get_job(conn, shard_key)
+            checks = [_accounted_check(conn, job)]
+            if result_checks is not None:
+                checks += result_checks(conn, job)
+        context.log.info(report.summary())
+        for problem in report.problems[:20]:
+            context.log.warning(problem)
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": report.rows_written,
+                "provider_job_id": job.provider_job_id or "",
+                "items_done": job.items_done or 0,
+                "items_retryable": job.items_retryable or 0,
+                "items_failed": job.items_failed or 0,
+                "input_tokens": job.input_tokens or 0,
+                "output_tokens": job.output_tokens or 0,
+                "actual_cost_usd": float(job.actual_cost_usd or 0),
+                "unusable_output_lines": len(report.problems),
+                "summary": report.summary(),
+            },
+            check_results=checks,
+        )
+
+    candidates_job = dg.define_asset_job(f"{names.prefix}_candidates_job", selection=[candidates],
+                                         description=f"Prepare {names.flow} candidates and cut new shards.")
+    submit_job = dg.define_asset_job(f"{names.prefix}_submit_job", selection=[request_files, batch_jobs],
+                                     partitions_def=partitions,
+                                     description="Write one shard's request file and submit it as a provider job.")
+    ingest_job = dg.define_asset_job(f"{names.prefix}_ingest_job", selection=[batch_outputs, results],
+                                     partitions_def=partitions,
+                                     description="Download one finished shard's outputs and ingest them.")
+
+    @dg.sensor(name=f"{names.prefix}_planner_sensor", jobs=[candidates_job, submit_job],
+               minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+               description=f"Requests {candidates_key} when there is new work and a submit run per planned shard.")
+    def planner_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource,
+                       providers: ProvidersResource) -> dg.SensorResult:
+        provider = providers.for_flow(names.flow)
+        requests: list[dg.RunRequest] = []
+        with database.connect() as conn:
+            flow = make_flow(provider, None)
+            sql, params = flow.candidate_sql()
+            unplanned = conn.execute(f"SELECT count(*) FROM ({sql}) AS c", params).fetchone()[0]
+            unprepared = has_unprepared(conn) if has_unprepared else False
+            if unplanned or unprepared:
+                state = f"{unplanned}:{unprepared}:{ledger.summary(conn, names.flow).items_by_state}"
+                requests.append(dg.RunRequest(job_name=candidates_job.name,
+                                              run_key=f"plan:{hashlib.sha256(state.encode()).hexdigest()[:16]}"))
+            for job in ledger.list_jobs(conn, flow=names.flow, states=("planned", "exported")):
+                if job.next_submit_at is None or job.next_submit_at <= _now():
+                    requests.append(dg.RunRequest(job_name=submit_job.name, partition_key=job.shard_key,
+                                                  run_key=f"submit:{job.shard_key}:{job.submit_attempts}"))
+        return dg.SensorResult(run_requests=requests)
+
+    @dg.sensor(name=f"{names.prefix}_job_status_sensor", job=ingest_job, minimum_interval_seconds=60,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Polls open provider jobs (bounded per tick) and requests an ingest run per finished job.")
+    def status_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource,
+                      providers: ProvidersResource) -> dg.SensorResult:
+        with database.connect() as conn:
+            polled = batch.poll_open_jobs(conn, providers.named, flow=names.flow, max_jobs=50, time_budget_s=40)
+            finished = ledger.list_jobs(conn, flow=names.flow,
+                                        states=("completed", "partial", "failed", "cancelled", "expired"))
+        for entry in polled:
+            context.log.info(f"{entry.job.shard_key}: {entry.job.provider_job_id} is {entry.status.raw_status}")
+        requests = [
+            dg.RunRequest(job_name=ingest_job.name, partition_key=job.shard_key,
+                          run_key=f"{job.provider_job_id or job.client_token}:{job.state}")
+            for job in finished
+        ]
+        return dg.SensorResult(run_requests=requests, cursor=str(len(polled)))
+
+    return FlowDefinitions(
+        partitions=partitions,
+        assets=[candidates, request_files, batch_jobs, batch_outputs, results],
+        jobs=[candidates_job, submit_job, ingest_job],
+        sensors=[planner_sensor, status_sensor],
+        candidates_job=candidates_job,
+        submit_job=submit_job,
+        ingest_job=ingest_job,
+        status_sensor=status_sensor,
+        planner_sensor=planner_sensor,
+    )
+
+
+def _now():
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+def _accounted_check(conn: psycopg.Connection, job: ledger.JobRow) -> dg.AssetCheckResult:
+    still_open = conn.execute(
+        "SELECT count(*) FROM batch_items WHERE job_id = %s AND state IN ('exported', 'submitted')", (job.id,)
+    ).fetchone()[0]
+    closed = (job.items_done or 0) + (job.items_retryable or 0) + (job.items_failed or 0)
+    passed = still_open == 0 and closed == job.request_count
+    return dg.AssetCheckResult(
+        check_name="shard_items_accounted", passed=passed,
+        metadata={"requests": job.request_count, "done": job.items_done or 0,
+                  "retryable": job.items_retryable or 0, "failed": job.items_failed or 0, "still_open": still_open},
+    )

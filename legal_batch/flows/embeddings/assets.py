@@ -1,0 +1,69 @@
+"""Embeddings of judgment chunks into pgvector, through provider batch jobs.
+
+`embedding_candidates` → `embedding_request_files` → `embedding_batch_jobs` → `embedding_batch_outputs`
+→ `case_embeddings`, one dynamic partition per shard (see `flows.batch_assets`).
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+import psycopg
+
+from legal_batch.core.embeddings import EmbeddingsFlow, sync_chunks
+from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
+from legal_batch.flows.embeddings.checks import vector_checks, vector_spec
+from legal_batch.providers.base import BatchProvider
+from legal_batch.resources import get_settings
+
+NAMES = FlowNames(flow="embeddings", prefix="embedding", results="case_embeddings")
+
+
+def make_flow(provider: BatchProvider, config: CandidatesConfig | None) -> EmbeddingsFlow:
+    settings = get_settings()
+    return EmbeddingsFlow(
+        model=settings.embedding_model or provider.default_model("embeddings"),
+        dimensions=settings.embedding_dimensions,
+        limit_cases=config.limit if config else None,
+    )
+
+
+def chunk_new_cases(context: dg.AssetExecutionContext, conn: psycopg.Connection, config: CandidatesConfig) -> dict:
+    settings = get_settings()
+    synced = sync_chunks(conn, max_tokens=settings.chunk_max_tokens, overlap_tokens=settings.chunk_overlap_tokens,
+                         limit_cases=config.limit,
+                         on_progress=lambda n: context.log.debug(f"chunked {n} more cases"))
+    context.log.info(f"chunked {synced.cases} new cases into {synced.chunks} chunks; {synced.rejected} rejected")
+    return {"cases_chunked": synced.cases, "chunks_written": synced.chunks, "cases_rejected": synced.rejected}
+
+
+def has_unchunked_cases(conn: psycopg.Connection) -> bool:
+    return bool(conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM court_cases k WHERE NOT EXISTS"
+        " (SELECT 1 FROM case_chunks c WHERE c.case_id = k.id) AND NOT EXISTS (SELECT 1 FROM batch_items i"
+        "  WHERE i.flow = 'embeddings' AND i.subject_key = 'case:' || k.id AND i.state = 'failed'))"
+    ).fetchone()[0])
+
+
+DEFS = build_flow_definitions(
+    NAMES,
+    make_flow=make_flow,
+    prepare=chunk_new_cases,
+    has_unprepared=has_unchunked_cases,
+    result_check_specs=[vector_spec],
+    result_checks=vector_checks,
+    descriptions={
+        "candidates": "Chunks of court judgments that need an embedding. Grain: one chunk (case_id, chunk_index). "
+                      "Chunks new cases into case_chunks (paragraph-aware, token budget, overlap), then cuts the "
+                      "chunks with no embedding and no open ledger item into shards (batch_jobs/batch_items). "
+                      "Idempotent: in-flight and done chunks are never planned again.",
+        "request_files": "One shard's JSONL request file in the provider's batch format. Grain: one request line "
+                         "per chunk; key: custom_id chunk-<case_id>-<chunk_index>. Rewritten identically until "
+                         "submitted.",
+        "batch_jobs": "The provider batch job of one shard. Submitted once: the ledger row and client token are "
+                      "written before the provider call, and a crash in between is reconciled, not resubmitted.",
+        "batch_outputs": "The downloaded output and error files of one finished provider job.",
+        "results": "Embeddings of judgment chunks in pgvector (case_embeddings, vector(1024), HNSW cosine). "
+                   "Grain: (case_id, chunk_index, model). One transaction per shard: vectors upserted and "
+                   "ledger items closed together; re-ingest changes nothing.",
+    },
+)

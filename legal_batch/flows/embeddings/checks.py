@@ -1,0 +1,29 @@
+"""Cheap invariants on a shard's ingested vectors."""
+
+from __future__ import annotations
+
+import dagster as dg
+import psycopg
+
+from legal_batch.core.ledger import JobRow
+
+vector_spec = dg.AssetCheckSpec(
+    "vectors_finite_unit_norm", asset="case_embeddings",
+    description="Every vector ingested from the shard has 1024 finite components and unit norm (±1e-3).",
+)
+
+
+def vector_checks(conn: psycopg.Connection, job: JobRow) -> list[dg.AssetCheckResult]:
+    total, off_norm, wrong_dims = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE abs(vector_norm(e.embedding) - 1) > 1e-3),"
+        "       count(*) FILTER (WHERE vector_dims(e.embedding) <> 1024)"
+        " FROM batch_items i JOIN case_embeddings e"
+        "   ON e.case_id = split_part(i.subject_key, ':', 1)::uuid"
+        "  AND e.chunk_index = split_part(i.subject_key, ':', 2)::int AND e.model = %s"
+        " WHERE i.job_id = %s AND i.state = 'done'",
+        (job.model, job.id),
+    ).fetchone()
+    return [dg.AssetCheckResult(
+        check_name="vectors_finite_unit_norm", passed=off_norm == 0 and wrong_dims == 0,
+        metadata={"vectors": total, "not_unit_norm": off_norm, "wrong_dimensions": wrong_dims},
+    )]

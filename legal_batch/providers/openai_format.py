@@ -1,0 +1,119 @@
+"""The OpenAI batch file formats, shared by the `openai`, `azure_openai` and `local` providers.
+
+Input line: `{"custom_id","method":"POST","url","body"}`. Output line:
+`{"id","custom_id","response":{"status_code","request_id","body"},"error"}`; failures sit in a
+separate error file in the same shape. Results are joined on `custom_id`, never on line order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from legal_batch.core.jsonl import dumps_line, iter_lines
+from legal_batch.providers.base import ChatRequest, EmbeddingRequest, Endpoint, Request, Result
+
+_RETRYABLE_CODES = frozenset({"batch_expired", "server_error", "rate_limit_exceeded", "timeout", "batch_cancelled"})
+
+
+def chat_body(request: ChatRequest, *, model: str) -> dict:
+    messages = [{"role": "system", "content": request.system}, {"role": "user", "content": request.user}]
+    body: dict = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+    }
+    if request.json_schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "result", "schema": request.json_schema},
+        }
+    return body
+
+
+def request_line(request: Request, *, endpoint: Endpoint, model: str, url_prefix: str = "/v1",
+                 dimensions: int | None = 1024) -> bytes:
+    """One OpenAI-envelope request line."""
+    if isinstance(request, EmbeddingRequest):
+        if endpoint != "embeddings":
+            raise ValueError(f"embedding request {request.custom_id} sent to the {endpoint} endpoint")
+        body: dict = {"model": model, "input": request.text, "encoding_format": "float"}
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        url = f"{url_prefix}/embeddings"
+    else:
+        body = chat_body(request, model=model)
+        url = f"{url_prefix}/chat/completions"
+    return dumps_line({"custom_id": request.custom_id, "method": "POST", "url": url, "body": body})
+
+
+def parse_response_body(body: dict, *, endpoint: Endpoint, custom_id: str | None, source: str,
+                        line_no: int) -> Result:
+    """A successful response body (from a batch output line or a real-time call) as a `Result`."""
+    usage = body.get("usage") or {}
+    if endpoint == "embeddings":
+        data = body.get("data") or []
+        if not data or "embedding" not in data[0]:
+            return Result(custom_id, source, line_no, error="response has no embedding", retryable=True)
+        try:
+            vector = np.asarray(data[0]["embedding"], dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            return Result(custom_id, source, line_no, error=f"embedding is not a list of numbers: {exc}")
+        return Result(custom_id, source, line_no, vector=vector, input_tokens=int(usage.get("prompt_tokens") or 0))
+    choices = body.get("choices") or []
+    if not choices:
+        return Result(custom_id, source, line_no, error="response has no choices", retryable=True)
+    message = choices[0].get("message") or {}
+    return Result(
+        custom_id,
+        source,
+        line_no,
+        text=message.get("content"),
+        finish_reason=choices[0].get("finish_reason"),
+        input_tokens=int(usage.get("prompt_tokens") or 0),
+        output_tokens=int(usage.get("completion_tokens") or 0),
+        extra={"refusal": message.get("refusal")} if message.get("refusal") else {},
+    )
+
+
+def iter_results(files: Sequence[Path], *, endpoint: Endpoint) -> Iterator[Result]:
+    """Results from OpenAI-format output and error files, streamed line by line."""
+    for path in files:
+        source = path.name
+        for line_no, raw in iter_lines(path):
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                yield Result(None, source, line_no, error=f"line is not valid JSON ({exc})", retryable=True)
+                continue
+            if not isinstance(obj, dict):
+                yield Result(None, source, line_no, error="line is not a JSON object", retryable=True)
+                continue
+            yield _result_of(obj, endpoint=endpoint, source=source, line_no=line_no)
+
+
+def _result_of(obj: dict, *, endpoint: Endpoint, source: str, line_no: int) -> Result:
+    custom_id = obj.get("custom_id") if isinstance(obj.get("custom_id"), str) else None
+    error = obj.get("error")
+    if error:
+        code = str(error.get("code") or "error") if isinstance(error, dict) else "error"
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        return Result(custom_id, source, line_no, error=f"{code}: {message}", retryable=code in _RETRYABLE_CODES)
+    response = obj.get("response")
+    if not isinstance(response, dict):
+        return Result(custom_id, source, line_no, error="line has neither response nor error", retryable=True)
+    status = response.get("status_code")
+    body = response.get("body")
+    if status != 200:
+        detail = body.get("error") if isinstance(body, dict) else None
+        code = str(detail.get("code") or detail.get("type") or status) if isinstance(detail, dict) else str(status)
+        message = detail.get("message") if isinstance(detail, dict) else str(body)[:200]
+        retryable = not isinstance(status, int) or status >= 500 or status == 429 or code in _RETRYABLE_CODES
+        return Result(custom_id, source, line_no, error=f"HTTP {status} {code}: {message}", retryable=retryable)
+    if not isinstance(body, dict):
+        return Result(custom_id, source, line_no, error="response body is not a JSON object", retryable=True)
+    return parse_response_body(body, endpoint=endpoint, custom_id=custom_id, source=source, line_no=line_no)

@@ -1,0 +1,57 @@
+"""Settings from the environment (and a `.env` file): the one place configuration is read."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EmbeddingsProvider = Literal["local", "openai", "bedrock"]
+ChatProvider = Literal["local", "azure_openai", "openai", "bedrock"]
+
+
+class Settings(BaseSettings):
+    """Every `LEGAL_BATCH_*` variable; the SDKs read their own standard variables themselves."""
+
+    model_config = SettingsConfigDict(env_prefix="LEGAL_BATCH_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default=Path(".legal_batch"), description="State folder: embedded database, files, Dagster home.")
+    database_url: str | None = Field(default=None, description="Postgres with pgvector; unset → embedded server.")
+    embeddings_provider: EmbeddingsProvider = "local"
+    headnotes_provider: ChatProvider = "local"
+    template_provider: ChatProvider = "local"
+    embedding_model: str | None = Field(default=None, description="Unset → the provider's default model.")
+    embedding_dimensions: int = 1024
+    chunk_max_tokens: int = 512
+    chunk_overlap_tokens: int = 64
+    shard_max_records: int | None = Field(default=None, description="Cap below the provider's own per-job limit.")
+    max_attempts: int = 3
+    poll_interval: float = 60.0
+    s3_bucket: str | None = None
+    s3_prefix: str = "legal-batch"
+    bedrock_role_arn: str | None = None
+    local_fail_rate: float = Field(default=0.0, description="local provider: fraction of requests that fail.")
+    local_expire_fraction: float | None = Field(
+        default=None, description="local provider: jobs expire after this fraction of requests."
+    )
+
+    @property
+    def home_dir(self) -> Path:
+        path = self.home.expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@lru_cache(maxsize=1)
+def _cached() -> Settings:
+    return Settings()
+
+
+def get_settings(*, fresh: bool = False) -> Settings:
+    """The process's settings; `fresh=True` re-reads the environment (tests change it)."""
+    if fresh:
+        _cached.cache_clear()
+    return _cached()

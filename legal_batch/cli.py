@@ -78,6 +78,14 @@ def db_stop() -> None:
     console.print("embedded Postgres stopped" if stopped else "embedded Postgres was not running")
 
 
+@app.command("dagster-home")
+def dagster_home_command() -> None:
+    """Create (if needed) and print the Dagster home under $LEGAL_BATCH_HOME, for `dagster dev`."""
+    from legal_batch.flows.runner import dagster_home
+
+    print(dagster_home())
+
+
 # -- demo ---------------------------------------------------------------------------------------------
 
 @demo_app.command("seed")

@@ -65,26 +65,39 @@ def _paragraphs(text: str) -> Iterator[tuple[int, int]]:
         yield pos, len(text)
 
 
-def _section_of(paragraph: str, current: ChunkType) -> ChunkType:
-    """A heading switches the section; numbered paragraphs end the header."""
+_JUDGMENT_START = re.compile(r"^(JUDGMENT|REASONS FOR (JUDGMENT|DECISION|VERDICT|SENTENCE)|DECISION|RULING)$")
+
+
+def _section_of(paragraph: str, current: ChunkType, started: bool) -> tuple[ChunkType, bool]:
+    """(section of this paragraph, whether the body has started).
+
+    Everything before the body (court, parties, coram, citation) is the header; the body starts at a
+    `JUDGMENT`-style heading or the first numbered paragraph. In the body a heading names the section."""
     line = paragraph.strip()
-    if _HEADING.match(line):
+    is_heading = bool(_HEADING.match(line))
+    if not started:
+        if is_heading and _JUDGMENT_START.match(line):
+            return "header", True
+        if not _NUMBERED.match(line):
+            return "header", False
+        started = True
+        current = "body"
+    if is_heading:
         for pattern, kind in _SECTION_TYPES:
             if pattern.search(line):
-                return kind
-        return "body" if current != "header" else current
-    if current == "header" and _NUMBERED.match(line):
-        return "body"
-    return current
+                return kind, started
+        return "body", started
+    return current, started
 
 
 def _units(text: str, max_tokens: int) -> Iterator[_Unit]:
     """Paragraphs, with any paragraph over `max_tokens` cut at token boundaries."""
     enc = encoding("cl100k_base")
     section: ChunkType = "header"
+    started = False
     for start, end in _paragraphs(text):
         paragraph = text[start:end]
-        section = _section_of(paragraph, section)
+        section, started = _section_of(paragraph, section, started)
         tokens = enc.encode_ordinary(paragraph)
         if len(tokens) <= max_tokens:
             yield _Unit(start, end, len(tokens), section)

@@ -57,12 +57,12 @@ class FlowRunner:
     """Executes a flow's jobs and sensors in process (see module docstring)."""
 
     def __init__(self, flow_defs: FlowDefinitions, defs: dg.Definitions, *, flow: str,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] = print, dagster_instance: dg.DagsterInstance | None = None) -> None:
         self.flow_defs = flow_defs
         self.defs = defs
         self.flow = flow
         self.echo = echo
-        self.instance = instance()
+        self.instance = dagster_instance or instance()
 
     def _execute(self, job_name: str, *, partition_key: str | None = None, run_config: dict | None = None,
                  tags: dict | None = None) -> dg.ExecuteInProcessResult:

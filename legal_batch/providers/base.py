@@ -90,6 +90,9 @@ class JobStatus:
     output_location: str | None = None
     error_location: str | None = None
     message: str | None = None
+    quota_exceeded: bool = False
+    """The job failed only because of a provider quota (e.g. `token_limit_exceeded` on an enqueued-token
+    limit): the shard is requeued with back-off and its items keep their attempts."""
 
     @property
     def terminal(self) -> bool:

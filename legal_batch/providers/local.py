@@ -160,10 +160,11 @@ class LocalProvider:
             )
 
     # -- the "service" ---------------------------------------------------------------------------
-    def _fails(self, custom_id: str) -> bool:
+    def _fails(self, custom_id: str, salt: str = "") -> bool:
+        """Deterministic per (request, job): a retried request in a new job may succeed."""
         if self.fail_rate <= 0:
             return False
-        digest = int(hashlib.sha256(custom_id.encode()).hexdigest()[:8], 16)
+        digest = int(hashlib.sha256(f"{salt}:{custom_id}".encode()).hexdigest()[:8], 16)
         return digest / 0xFFFFFFFF < self.fail_rate
 
     def _respond(self, request: Request, *, model: str) -> dict:
@@ -201,7 +202,7 @@ class LocalProvider:
                                                     "message": "This request could not be executed before the "
                                                                "completion window expired."}}))
                     continue
-                if self._fails(custom_id):
+                if self._fails(custom_id, job["metadata"]["shard_key"]):
                     failed += 1
                     err.write(_error_line(custom_id, 500, "server_error", "injected failure"))
                     continue

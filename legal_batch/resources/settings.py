@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,17 @@ class Settings(BaseSettings):
     local_fail_rate: float = Field(default=0.0, description="local provider: fraction of requests that fail.")
     local_expire_fraction: float | None = Field(
         default=None, description="local provider: jobs expire after this fraction of requests."
+    )
+    headnote_model: str | None = Field(default=None, description="Unset → the provider's default chat model "
+                                       "(Azure: the batch deployment).")
+    headnote_few_shot: int = Field(default=3, description="Few-shot examples from headnote_corpus, newest first.")
+    headnote_max_chars: int = Field(default=150_000, description="Judgment text is cut at a paragraph boundary here.")
+    headnote_max_tokens: int = 600
+    headnote_temperature: float = 0.1
+    headnote_overwrite: bool = Field(default=False, description="Also regenerate existing headnotes.")
+    headnote_overwrite_before: datetime | None = Field(
+        default=None, description="With overwrite: regenerate headnotes generated before this instant "
+        "(unset → before this process started); `legal-batch headnotes run --overwrite` sets it."
     )
 
     @property

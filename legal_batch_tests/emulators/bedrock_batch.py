@@ -9,6 +9,11 @@ service model, API version 2023-04-20) on a local ``ThreadingHTTPServer``:
 * ``GET  /model-invocation-jobs``                       ListModelInvocationJobs
 * ``POST /model-invocation-job/{jobIdentifier}/stop``   StopModelInvocationJob
 
+and, for the real-time path, the one ``bedrock-runtime`` operation it needs:
+
+* ``POST /model/{modelId}/invoke``                      InvokeModel (the same responder as batch
+  records; a ``RecordError`` becomes the matching HTTP error, e.g. 400 ``ValidationException``)
+
 Input and output live in a real (moto) S3 server, reached with boto3 over HTTP, so code
 under test talks to both services exactly as it would in AWS. Jobs only move when the test
 says so (``advance``/``complete``/...), or one step per GetModelInvocationJob call with
@@ -49,6 +54,18 @@ OPERATIONS = frozenset(
         "StopModelInvocationJob",
     }
 )
+RUNTIME_OPERATIONS = frozenset({"InvokeModel"})
+"""bedrock-runtime operations served on the same port (``env()`` points AWS_ENDPOINT_URL_BEDROCK_RUNTIME here)."""
+_RUNTIME_ERROR_TYPES = {
+    400: "ValidationException",
+    403: "AccessDeniedException",
+    404: "ResourceNotFoundException",
+    408: "ModelTimeoutException",
+    424: "ModelErrorException",
+    429: "ThrottlingException",
+    500: "InternalServerException",
+    503: "ServiceUnavailableException",
+}
 STATUSES = frozenset(
     {
         "Submitted",
@@ -423,6 +440,7 @@ class BedrockBatchEmulator:
         return {
             "AWS_ENDPOINT_URL_S3": self.s3_endpoint_url,
             "AWS_ENDPOINT_URL_BEDROCK": self.bedrock_endpoint_url,
+            "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": self.bedrock_endpoint_url,
             "AWS_REGION": self.region,
             "AWS_DEFAULT_REGION": self.region,
             "AWS_ACCESS_KEY_ID": "testing",
@@ -439,6 +457,13 @@ class BedrockBatchEmulator:
             raise ValueError(f"unknown operation {operation!r}; expected one of {sorted(OPERATIONS)}")
         with self._lock:
             self._faults.append(_Fault(operation, status, error_type, message, times))
+
+    def add_runtime_fault(
+        self, *, status: int, error_type: str, times: int = 1, message: str = "injected"
+    ) -> None:
+        """Answer the next ``times`` InvokeModel calls (bedrock-runtime) with this error."""
+        with self._lock:
+            self._faults.append(_Fault("InvokeModel", status, error_type, message, times))
 
     def set_status(self, job_arn: str, status: str, message: str | None = None) -> None:
         """Force a status (no side effects: nothing is read or written in S3)."""
@@ -677,6 +702,8 @@ class BedrockBatchEmulator:
             if operation is None:
                 raise ApiError(404, "UnknownOperationException", f"No operation for {method} {split.path}")
             self._raise_fault(operation)
+            if operation == "InvokeModel":
+                return self._invoke(identifier or "", body)
             with self._lock:
                 if operation == "CreateModelInvocationJob":
                     return 200, self._create(_json_body(body)), {}
@@ -693,6 +720,28 @@ class BedrockBatchEmulator:
                 {"message": f"{type(exc).__name__}: {exc}"},
                 {"x-amzn-ErrorType": "InternalServerException"},
             )
+
+    def _invoke(self, model_id: str, body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """InvokeModel: the responder's output for one model input, with bedrock-runtime's headers."""
+        try:
+            model_input = json.loads(body or b"{}")
+        except ValueError:
+            raise ApiError(400, "ValidationException", "Malformed input request: body is not valid JSON") from None
+        if not isinstance(model_input, dict):
+            raise ApiError(400, "ValidationException", "Malformed input request: body must be a JSON object")
+        try:
+            output = (self.responder or default_responder)(model_id, model_input)
+        except RecordError as exc:
+            raise _runtime_error(exc) from None
+        except ValueError as exc:
+            raise ApiError(400, "ValidationException", str(exc)) from None
+        input_tokens, output_tokens = _token_counts(output)
+        headers = {
+            "X-Amzn-Bedrock-Input-Token-Count": str(input_tokens),
+            "X-Amzn-Bedrock-Output-Token-Count": str(output_tokens),
+            "X-Amzn-Bedrock-Invocation-Latency": "1",
+        }
+        return 200, output, headers
 
     def _raise_fault(self, operation: str) -> None:
         with self._lock:
@@ -810,7 +859,7 @@ class BedrockBatchEmulator:
 
 
 def _route(method: str, segments: list[str]) -> tuple[str | None, str | None]:
-    """(operation, jobIdentifier) for a request; the identifier is already percent-decoded."""
+    """(operation, jobIdentifier or modelId) for a request; the identifier is already percent-decoded."""
     if segments == ["model-invocation-job"] and method == "POST":
         return "CreateModelInvocationJob", None
     if segments == ["model-invocation-jobs"] and method == "GET":
@@ -824,7 +873,20 @@ def _route(method: str, segments: list[str]) -> tuple[str | None, str | None]:
         and method == "POST"
     ):
         return "StopModelInvocationJob", segments[1]
+    if len(segments) == 3 and segments[0] == "model" and segments[2] == "invoke" and method == "POST":
+        return "InvokeModel", segments[1]
     return None, None
+
+
+def _runtime_error(exc: RecordError) -> ApiError:
+    """The bedrock-runtime error for a responder's RecordError (numeric codes are HTTP statuses)."""
+    code = str(exc.error_code)
+    if code.isdigit():
+        status = int(code)
+        fallback = "ValidationException" if status < 500 else "InternalServerException"
+        return ApiError(status, _RUNTIME_ERROR_TYPES.get(status, fallback), exc.error_message)
+    statuses = {name: status for status, name in _RUNTIME_ERROR_TYPES.items()}
+    return ApiError(statuses.get(code, 400), code, exc.error_message)
 
 
 def _json_body(body: bytes) -> dict[str, Any]:

@@ -1,0 +1,353 @@
+"""The headnotes flow's own logic: candidate cases, the law-reporter prompt (few-shot examples from
+`headnote_corpus`, judgment truncated at a paragraph boundary), and the sink that validates each
+answer and writes accepted headnotes back to `court_cases` with one set-based UPDATE.
+
+Subjects are cases (`subject_key` = the case id, `custom_id` = `case-<uuid>`); results are joined on
+the custom id, never on a line number. Limits:
+
+- the judgment is cut at `max_chars` characters (default 150,000), and further if the request would
+  pass the provider's per-request input limit (`ProviderLimits.max_input_tokens`), always at a
+  paragraph boundary and with a visible marker;
+- the planner's token estimate is exact (tiktoken) for the instructions, examples and case header,
+  and 1 token per 4 characters for the judgment text (SQL cannot run tiktoken); the real figures
+  come back in the provider's usage;
+- few-shot examples are the newest `few_shot` rows of `headnote_corpus` that existed when the shard
+  was planned, read once per shard, so every request of a shard (and every rewrite of its file)
+  carries the same examples.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from functools import lru_cache
+
+import psycopg
+
+from legal_batch.core.cost import batch_discount, price
+from legal_batch.core.flow import Item
+from legal_batch.core.tokens import EncodingName, count_tokens, encoding, encoding_for_model
+from legal_batch.providers.base import ChatRequest, Endpoint, Request, Result
+
+FLOW = "headnotes"
+CHARS_PER_TOKEN = 4
+"""Planning estimate for judgment text (tiktoken measures ~5 characters per token on English judgments)."""
+_CHAT_FORMAT_TOKENS = 16
+"""Per-request message framing (role markers, separators) on top of the message texts."""
+_ENVELOPE_BYTES = 400
+"""JSON envelope of a request line (custom_id, url, model, parameters) beyond the message texts."""
+_STAGE_BATCH = 2_000
+
+SYSTEM_INSTRUCTIONS = """\
+You are a senior law reporter preparing headnotes for a series of law reports. Write the headnote of \
+the judgment the user gives you, in this form and order:
+
+1. First line: the neutral citation — the court — the parties (the case name), separated by " — ".
+2. "Catchwords:" the area of law and the points decided, as short phrases separated by " – ".
+3. "Held:" what the court decided and why, in one to three sentences, ending with the order made.
+4. "Summary:" a short summary (two to four sentences) of the material facts and the reasoning.
+
+Use only what the judgment says: do not invent facts, parties, authorities or citations. Write plain \
+text (no Markdown), in British English, in at most 350 words. If the judgment is marked as truncated, \
+write the headnote from the part you have and do not speculate about the rest."""
+
+TRUNCATION_MARKER = "[… judgment truncated at {kept:,} of {total:,} characters …]"
+
+
+@dataclass(frozen=True)
+class CaseText:
+    """What the prompt needs of one `court_cases` row."""
+
+    custom_id: str
+    neutral_citation: str | None
+    case_name: str | None
+    court: str | None
+    decision_date: date | None
+    full_text: str
+
+
+def case_custom_id(case_id: str | uuid.UUID) -> str:
+    return f"case-{case_id}"
+
+
+def system_prompt(examples: Sequence[str]) -> str:
+    """The instructions, followed by the few-shot examples (house style) when there are any."""
+    if not examples:
+        return SYSTEM_INSTRUCTIONS
+    shown = "\n\n".join(f"Example {n}:\n{text.strip()}" for n, text in enumerate(examples, start=1))
+    return f"{SYSTEM_INSTRUCTIONS}\n\nExamples of headnotes in the house style:\n\n{shown}"
+
+
+def case_header(case: CaseText) -> str:
+    """The user message up to the judgment text: the case's own metadata, where known."""
+    lines = ["Write the headnote of this judgment."]
+    facts = [("Neutral citation", case.neutral_citation), ("Court", case.court), ("Case name", case.case_name),
+             ("Date of judgment", case.decision_date.isoformat() if case.decision_date else None)]
+    details = [f"{label}: {value}" for label, value in facts if value]
+    if details:
+        lines += ["", *details]
+    lines += ["", "Judgment:", "", ""]
+    return "\n".join(lines)
+
+
+def truncate_judgment(text: str, *, max_chars: int, max_tokens: int | None = None,
+                      encoding_name: EncodingName = "cl100k_base") -> str:
+    """`text`, or its head cut at a paragraph boundary and followed by the truncation marker.
+
+    The head holds at most `max_chars` characters and, when `max_tokens` is given, at most that
+    many tokens (marker included). Cuts at the last blank line before the limit; failing one in
+    the second half, at the last line break, then the last space."""
+    limit = min(len(text), max_chars)
+    if max_tokens is not None and len(text[:limit].encode()) > max_tokens:  # a token is at least one byte
+        enc = encoding(encoding_name)
+        budget = max_tokens - _cached_tokens(TRUNCATION_MARKER.format(kept=len(text), total=len(text)),
+                                             encoding_name) - 4
+        tokens = enc.encode_ordinary(text[:limit])
+        if len(tokens) > budget:
+            if budget <= 0:
+                raise ValueError(f"no room for any judgment text within {max_tokens} tokens")
+            limit = min(limit, len(enc.decode(tokens[:budget], errors="ignore")))
+    if limit >= len(text):
+        return text
+    cut = _paragraph_cut(text, limit)
+    head = text[:cut].rstrip()
+    return f"{head}\n\n{TRUNCATION_MARKER.format(kept=len(head), total=len(text))}"
+
+
+@lru_cache(maxsize=16)
+def _cached_tokens(text: str, encoding_name: EncodingName) -> int:
+    """Token count of a text repeated across requests (a shard's system prompt, the marker)."""
+    return count_tokens(text, encoding_name)
+
+
+def _paragraph_cut(text: str, limit: int) -> int:
+    for separator in ("\n\n", "\n", " "):
+        cut = text.rfind(separator, 0, limit + 1)
+        if cut >= limit // 2:
+            return cut
+    return limit
+
+
+def build_request(case: CaseText, *, system: str, max_chars: int, max_tokens: int, temperature: float,
+                  max_input_tokens: int | None = None, encoding_name: EncodingName = "cl100k_base") -> ChatRequest:
+    """One chat request: `system` (instructions + examples), the case header and its judgment,
+    truncated to `max_chars` and to what fits in `max_input_tokens` (the provider's per-request limit)."""
+    header = case_header(case)
+    room = None
+    if max_input_tokens is not None:
+        room = (max_input_tokens - _CHAT_FORMAT_TOKENS - _cached_tokens(system, encoding_name)
+                - count_tokens(header, encoding_name))
+        if room <= 0:
+            raise ValueError(f"{case.custom_id}: instructions and examples alone exceed the provider's "
+                             f"{max_input_tokens}-token input limit; lower LEGAL_BATCH_HEADNOTE_FEW_SHOT")
+    judgment = truncate_judgment(case.full_text, max_chars=max_chars, max_tokens=room, encoding_name=encoding_name)
+    return ChatRequest(case.custom_id, system, header + judgment, max_tokens=max_tokens, temperature=temperature)
+
+
+def few_shot_examples(conn: psycopg.Connection, *, count: int, created_before: datetime | None = None) -> list[str]:
+    """The newest `count` headnotes of `headnote_corpus` (optionally only those created by a time)."""
+    if count <= 0:
+        return []
+    rows = conn.execute(
+        "SELECT headnote_text FROM headnote_corpus"
+        " WHERE btrim(headnote_text) <> '' AND (%(before)s::timestamptz IS NULL OR created_at <= %(before)s)"
+        " ORDER BY created_at DESC, id DESC LIMIT %(count)s",
+        {"before": created_before, "count": count},
+    ).fetchall()
+    return [text for (text,) in rows]
+
+
+@dataclass(frozen=True)
+class CandidateEstimate:
+    """What the current candidates would cost: an upper bound on output (max_tokens each)."""
+
+    requests: int
+    est_input_tokens: int
+    est_output_tokens_max: int
+    est_batch_usd: float
+    realtime_equivalent_usd: float
+    batch_discount: float
+    priced: bool
+
+
+class HeadnotesFlow:
+    """Cases with judgment text and no headnote (all of them with `overwrite`), one chat request
+    each; accepted headnotes go to `court_cases.headnote` (see the module docstring)."""
+
+    name = FLOW
+    endpoint: Endpoint = "chat"
+
+    def __init__(self, *, model: str, few_shot: int = 3, max_chars: int = 150_000, max_tokens: int = 600,
+                 temperature: float = 0.1, limit_cases: int | None = None, overwrite: bool = False,
+                 overwrite_before: datetime | None = None, max_input_tokens: int | None = None) -> None:
+        """`overwrite`: also regenerate cases that already have a headnote — those generated before
+        `overwrite_before` (or by hand, with no generation time) — so one overwrite pass never
+        regenerates the headnotes it has just written. `max_input_tokens`: the provider's
+        per-request input limit; judgments are truncated to fit it."""
+        if overwrite and overwrite_before is None:
+            raise ValueError("overwrite needs overwrite_before (the instant the overwrite was asked for)")
+        self.model = model
+        self.few_shot = few_shot
+        self.max_chars = max_chars
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.limit_cases = limit_cases
+        self.overwrite = overwrite
+        self.overwrite_before = overwrite_before
+        self.max_input_tokens = max_input_tokens
+        self.encoding_name = encoding_for_model(model)
+
+    # -- candidates -------------------------------------------------------------------------------
+    def _fixed_overhead(self) -> tuple[int, int]:
+        """(tokens, bytes) of a request without its judgment and examples: instructions, header, marker."""
+        header = case_header(CaseText("case-" + "0" * 36, "[2000] HKCFI 0000", "A" * 60, "Court of First Instance",
+                                      date(2000, 1, 1), ""))
+        text = system_prompt(["x"] * max(self.few_shot, 0)) + header + TRUNCATION_MARKER
+        tokens = _CHAT_FORMAT_TOKENS + count_tokens(text, self.encoding_name)
+        return tokens, _ENVELOPE_BYTES + int(len(text.encode()) * 1.1)
+
+    def candidate_sql(self) -> tuple[str, dict]:
+        """Cases with non-empty `full_text`, no headnote (or an old one, with overwrite) and no open or
+        failed ledger item: `subject_key, custom_id, tokens, size_bytes`, in id order.
+
+        Tokens: exact for the fixed prompt text, 1 per 4 characters for the examples and the
+        judgment (at most `max_chars`), capped at the provider's input limit the request is cut to."""
+        fixed_tokens, fixed_bytes = self._fixed_overhead()
+        max_input = self.max_input_tokens if self.max_input_tokens is not None else 2**31 - 1
+        sql = (
+            "WITH examples AS (SELECT coalesce(sum(octet_length(e.headnote_text)), 0) AS bytes"
+            "   FROM (SELECT headnote_text FROM headnote_corpus WHERE btrim(headnote_text) <> ''"
+            "         ORDER BY created_at DESC, id DESC LIMIT %(few_shot)s) e)"
+            " SELECT k.id::text, 'case-' || k.id,"
+            "   least(%(fixed_tokens)s + ceil((x.bytes + least(char_length(k.full_text), %(max_chars)s))::numeric"
+            "         / %(chars_per_token)s)::int, %(max_input)s),"
+            "   %(fixed_bytes)s + ((x.bytes + octet_length(left(k.full_text, %(max_chars)s))) * 11) / 10"
+            " FROM court_cases k CROSS JOIN examples x"
+            " WHERE k.full_text IS NOT NULL AND btrim(k.full_text) <> ''"
+            "   AND (k.headnote IS NULL OR (%(overwrite)s AND (k.headnote_generated_at IS NULL"
+            "        OR k.headnote_generated_at < %(before)s)))"
+            "   AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %(flow)s AND i.subject_key = k.id::text"
+            "                   AND i.state IN ('exported', 'submitted', 'failed'))"
+        )
+        if self.limit_cases is not None:
+            sql += (" AND k.id IN (SELECT id FROM court_cases WHERE full_text IS NOT NULL AND btrim(full_text) <> ''"
+                    " ORDER BY id LIMIT %(limit)s)")
+        sql += " ORDER BY k.id"
+        return sql, {
+            "few_shot": max(self.few_shot, 0), "fixed_tokens": fixed_tokens, "fixed_bytes": fixed_bytes,
+            "max_chars": self.max_chars, "chars_per_token": CHARS_PER_TOKEN, "max_input": max_input,
+            "overwrite": self.overwrite, "before": self.overwrite_before, "flow": FLOW, "limit": self.limit_cases,
+        }
+
+    def estimate(self, conn: psycopg.Connection) -> CandidateEstimate:
+        """Requests, tokens and cost of the current candidates (output at its `max_tokens` bound)."""
+        sql, params = self.candidate_sql()
+        requests, tokens = conn.execute(f"SELECT count(*), coalesce(sum(c.tokens), 0) FROM ({sql}) AS c (subject,"
+                                        " custom_id, tokens, size_bytes)", params).fetchone()
+        output = requests * self.max_tokens
+        cost = price(self.model, input_tokens=int(tokens), output_tokens=output)
+        return CandidateEstimate(requests, int(tokens), output, float(cost.batch_usd), float(cost.realtime_usd),
+                                 batch_discount(), cost.priced)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def requests(self, conn: psycopg.Connection, job_id: int) -> Iterator[Request]:
+        """The shard's requests in item order; its few-shot examples are read once, here."""
+        created = conn.execute("SELECT created_at FROM batch_jobs WHERE id = %s", (job_id,)).fetchone()
+        examples = few_shot_examples(conn, count=self.few_shot, created_before=created[0] if created else None)
+        system = system_prompt(examples)
+        with conn.cursor(name=f"headnote_requests_{job_id}") as cur:
+            cur.itersize = 100  # judgments reach 200 KB each
+            cur.execute(
+                "SELECT i.custom_id, k.neutral_citation, k.case_name, k.court, k.decision_date, k.full_text"
+                " FROM batch_items i JOIN court_cases k ON k.id = i.subject_key::uuid"
+                " WHERE i.job_id = %s AND i.state IN ('exported', 'submitted') ORDER BY i.id",
+                (job_id,),
+            )
+            for row in cur:
+                yield build_request(CaseText(*row), system=system, max_chars=self.max_chars,
+                                    max_tokens=self.max_tokens, temperature=self.temperature,
+                                    max_input_tokens=self.max_input_tokens, encoding_name=self.encoding_name)
+
+    def sink(self, conn: psycopg.Connection, *, model: str) -> HeadnoteSink:
+        return HeadnoteSink(conn, model=model, max_tokens=self.max_tokens, overwrite=self.overwrite,
+                            overwrite_before=self.overwrite_before)
+
+
+# -- results ------------------------------------------------------------------------------------------
+
+_REFUSAL_FINISH = frozenset({"content_filter", "refusal", "guardrail_intervened"})
+_LENGTH_FINISH = frozenset({"length", "max_tokens"})
+_REFUSAL_OPENING = re.compile(
+    r"^\s*(i'?m sorry|i am sorry|sorry,|i can(?:no|')t|i am unable|i'?m unable|as an ai\b)", re.IGNORECASE
+)
+
+
+def unusable_reason(result: Result, *, max_tokens: int) -> str | None:
+    """Why a successful response line is still not a headnote (None when it is one)."""
+    text = (result.text or "").strip()
+    refusal = result.extra.get("refusal") if result.extra else None
+    if refusal:
+        return f"the model refused: {str(refusal)[:200]}"
+    if result.finish_reason in _REFUSAL_FINISH:
+        return f"the answer was withheld (finish_reason={result.finish_reason})"
+    if result.finish_reason in _LENGTH_FINISH:
+        return (f"headnote cut off at max_tokens={max_tokens} (finish_reason={result.finish_reason}); "
+                "raise LEGAL_BATCH_HEADNOTE_MAX_TOKENS")
+    if not text:
+        return f"empty headnote (finish_reason={result.finish_reason})"
+    if len(text) < 300 and _REFUSAL_OPENING.match(text):
+        return f"the model refused: {text[:200]}"
+    return None
+
+
+class HeadnoteSink:
+    """Validates each answer and stages accepted headnotes (COPY, in batches of 2,000); `finish`
+    writes them with one UPDATE in the ingest transaction, only where the case still has no
+    headnote (or, with overwrite, one generated before the overwrite was asked for)."""
+
+    def __init__(self, conn: psycopg.Connection, *, model: str, max_tokens: int, overwrite: bool = False,
+                 overwrite_before: datetime | None = None) -> None:
+        self.conn = conn
+        self.model = model
+        self.max_tokens = max_tokens
+        self.overwrite = overwrite
+        self.overwrite_before = overwrite_before
+        self.accepted = 0
+        self._batch: list[tuple[uuid.UUID, str]] = []
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS stage_headnotes (case_id uuid, headnote text) ON COMMIT DROP")
+        conn.execute("TRUNCATE stage_headnotes")
+
+    def accept(self, item: Item, result: Result) -> str | None:
+        reason = unusable_reason(result, max_tokens=self.max_tokens)
+        if reason is not None:
+            return reason
+        try:
+            case_id = uuid.UUID(item.subject_key)
+        except ValueError:
+            return f"subject key {item.subject_key!r} is not a case id"
+        self._batch.append((case_id, (result.text or "").strip()))
+        self.accepted += 1
+        if len(self._batch) >= _STAGE_BATCH:
+            self._flush()
+        return None
+
+    def _flush(self) -> None:
+        with self.conn.cursor().copy("COPY stage_headnotes (case_id, headnote) FROM STDIN") as copy:
+            for row in self._batch:
+                copy.write_row(row)
+        self._batch = []
+
+    def finish(self) -> int:
+        if self._batch:
+            self._flush()
+        return self.conn.execute(
+            "UPDATE court_cases k SET headnote = s.headnote, headnote_model = %(model)s,"
+            " headnote_generated_at = now(), updated_at = now()"
+            " FROM (SELECT DISTINCT ON (case_id) case_id, headnote FROM stage_headnotes) s"
+            " WHERE k.id = s.case_id AND (k.headnote IS NULL OR (%(overwrite)s AND"
+            "   (k.headnote_generated_at IS NULL OR k.headnote_generated_at < %(before)s)))",
+            {"model": self.model, "overwrite": self.overwrite, "before": self.overwrite_before},
+        ).rowcount

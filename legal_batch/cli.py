@@ -3,6 +3,7 @@ the flow verbs run the flow's own Dagster jobs in process against the persistent
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -106,7 +107,8 @@ def demo_run(cases: Annotated[int, typer.Option(help="Number of demo judgments."
              poll_interval: Annotated[float, typer.Option(help="Seconds between status polls.")] = 1.0,
              query: Annotated[str, typer.Option(help="Search query shown at the end.")] =
              "adverse possession of land by fencing a garden for twelve years") -> None:
-    """Seed, then run the embeddings pipeline through its whole batch lifecycle, then search."""
+    """Seed, then run the embeddings pipeline through its whole batch lifecycle, then search; then the
+    headnotes pipeline (local provider by default) and show one generated headnote."""
     settings = get_settings()
     console.print(f"[bold]legal_batch demo[/bold] — home {settings.home_dir}, provider "
                   f"{settings.embeddings_provider}")
@@ -117,6 +119,21 @@ def demo_run(cases: Annotated[int, typer.Option(help="Number of demo judgments."
         console.print("[green]nothing new to submit: every chunk is already embedded or in flight[/green]")
     jobs(flow="embeddings")
     search(query=query, k=5)
+    console.print(f"[bold]headnotes[/bold] — provider {settings.headnotes_provider}")
+    _flow_run("headnotes", limit=None, wait=True, poll_interval=poll_interval, timeout=None)
+    jobs(flow="headnotes")
+    _show_headnote()
+
+
+def _show_headnote() -> None:
+    with _connect() as conn:
+        row = conn.execute("SELECT case_name, neutral_citation, headnote_model, headnote FROM court_cases"
+                           " WHERE headnote IS NOT NULL ORDER BY id LIMIT 1").fetchone()
+    if row is None:
+        console.print("no headnote generated yet: run `legal-batch headnotes run --wait`")
+        return
+    name, citation, model, headnote = row
+    console.print(f"[bold]headnote of {name} {citation}[/bold] ({model}):\n{headnote}")
 
 
 # -- flows --------------------------------------------------------------------------------------------
@@ -139,12 +156,31 @@ def _flow_run(flow: str, *, limit: int | None, wait: bool, poll_interval: float,
     return run
 
 
-def _flow_app(flow: str) -> typer.Typer:
+def _set_overwrite(flow: str, overwrite_env: str | None, overwrite: bool) -> None:
+    """`--overwrite`: set the flow's overwrite variable (and its cut-off, now) for this process."""
+    if not overwrite:
+        return
+    if overwrite_env is None:
+        raise typer.BadParameter(f"the {flow} flow has no --overwrite", param_hint="--overwrite")
+    from datetime import UTC, datetime
+
+    os.environ[overwrite_env] = "true"
+    os.environ[f"{overwrite_env}_BEFORE"] = datetime.now(UTC).isoformat()
+    get_settings(fresh=True)
+
+
+def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
+    """The flow's verbs; `overwrite_env` names the variable `--overwrite` turns on (flows that have one)."""
     sub = typer.Typer(help=f"The {flow} flow: export, submit, status, ingest, run.", no_args_is_help=True)
+    overwrite_option = typer.Option(
+        "--overwrite", hidden=overwrite_env is None,
+        help="Regenerate existing results too (those made before this command started).")
 
     @sub.command("export")
-    def export(limit: Annotated[int | None, typer.Option(help="At most N source records.")] = None) -> None:
+    def export(limit: Annotated[int | None, typer.Option(help="At most N source records.")] = None,
+               overwrite: Annotated[bool, overwrite_option] = False) -> None:
         """Prepare candidates and cut them into shards (request files are written on submit)."""
+        _set_overwrite(flow, overwrite_env, overwrite)
         from legal_batch.flows.runner import FlowRunner, FlowRun
 
         flow_defs, defs = _flow_defs(flow)
@@ -188,8 +224,10 @@ def _flow_app(flow: str) -> typer.Typer:
     def run(limit: Annotated[int | None, typer.Option(help="At most N source records.")] = None,
             wait: Annotated[bool, typer.Option(help="Poll until every job is ingested.")] = False,
             poll_interval: Annotated[float, typer.Option(help="Seconds between polls (production: ~60).")] = 60.0,
-            timeout: Annotated[float | None, typer.Option(help="Give up waiting after S seconds.")] = None) -> None:
+            timeout: Annotated[float | None, typer.Option(help="Give up waiting after S seconds.")] = None,
+            overwrite: Annotated[bool, overwrite_option] = False) -> None:
         """Export and submit; with --wait, poll and ingest until done (retrying retryable items)."""
+        _set_overwrite(flow, overwrite_env, overwrite)
         result = _flow_run(flow, limit=limit, wait=wait, poll_interval=poll_interval, timeout=timeout)
         if not result.submitted:
             console.print(f"nothing new to submit for {flow}")
@@ -198,8 +236,9 @@ def _flow_app(flow: str) -> typer.Typer:
     return sub
 
 
-for _flow in ("embeddings",):
-    app.add_typer(_flow_app(_flow), name=_flow)
+_OVERWRITE_ENV = {"headnotes": "LEGAL_BATCH_HEADNOTE_OVERWRITE"}
+for _flow in ("embeddings", "headnotes"):
+    app.add_typer(_flow_app(_flow, overwrite_env=_OVERWRITE_ENV.get(_flow)), name=_flow)
 
 
 # -- ledger and search --------------------------------------------------------------------------------
@@ -254,6 +293,25 @@ def search(query: Annotated[str, typer.Argument(help="What to look for.")],
         text = " ".join(hit.chunk_text.split())
         console.print(f"{rank}. [bold]{hit.case_name}[/bold] {hit.neutral_citation} ({hit.court}) — chunk "
                       f"{hit.chunk_index} ({hit.chunk_type}), score {hit.score:.3f}\n   {text[:300]}…")
+
+
+@app.command("verify")
+def verify(flow: Annotated[str | None, typer.Option(help="Only this flow.")] = None) -> None:
+    """Prove from the database alone that every item is in exactly one state and nothing is lost."""
+    from legal_batch.core.verify import verify as run_verify
+    from legal_batch.definitions import DONE_WITHOUT_RESULT
+
+    flows = {name: sql for name, sql in DONE_WITHOUT_RESULT.items() if flow is None or name == flow}
+    with _connect() as conn:
+        report = run_verify(conn, flows)
+    for name in flows:
+        console.print(f"{name}: {report.checked_items[name]} items in {report.checked_jobs[name]} jobs checked")
+    for violation in report.violations:
+        console.print(f"[red]✗ {violation.flow}: {violation.rule}: {violation.count}[/red] "
+                      f"(e.g. {', '.join(violation.examples)})\n  what to do: {violation.repair}")
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print("[green]ledger consistent: every item is in exactly one state[/green]")
 
 
 def main() -> None:

@@ -2,10 +2,14 @@
 
 import dagster as dg
 
+from legal_batch.core.embeddings import DONE_WITHOUT_RESULT_SQL as EMBEDDINGS_DONE_WITHOUT_RESULT
+from legal_batch.core.headnotes import DONE_WITHOUT_RESULT_SQL as HEADNOTES_DONE_WITHOUT_RESULT
 from legal_batch.flows.embeddings.assets import DEFS as EMBEDDINGS
+from legal_batch.flows.headnotes.assets import DEFS as HEADNOTES
 from legal_batch.resources import ProvidersResource, DatabaseResource, FileStoreResource
 
-FLOWS_BY_NAME = {"embeddings": EMBEDDINGS}
+FLOWS_BY_NAME = {"embeddings": EMBEDDINGS, "headnotes": HEADNOTES}
+DONE_WITHOUT_RESULT = {"embeddings": EMBEDDINGS_DONE_WITHOUT_RESULT, "headnotes": HEADNOTES_DONE_WITHOUT_RESULT}
 
 defs = dg.Definitions(
     assets=[asset for flow in FLOWS_BY_NAME.values() for asset in flow.assets],

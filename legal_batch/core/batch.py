@@ -18,6 +18,7 @@ import psycopg
 
 from legal_batch.core import ledger
 from legal_batch.core.cost import price
+from legal_batch.core.crash import crash_point
 from legal_batch.core.flow import Flow, Item
 from legal_batch.core.jsonl import atomic_writer
 from legal_batch.core.ledger import JobRow, PlanResult, ShardLimits
@@ -100,6 +101,7 @@ def write_request_file(conn: psycopg.Connection, flow: Flow, provider: BatchProv
             f"shard {shard_key}: {lines} request lines for {job.request_count} ledger items — the source rows "
             "changed after planning; check the items of this job in batch_items"
         )
+    crash_point("after_request_file")
     tokens = job.est_input_tokens or 0
     cost = price(job.model, input_tokens=tokens)
     with conn.transaction():
@@ -141,6 +143,7 @@ def submit_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
                                      f"reconciled: the provider already had job {found.provider_job_id} "
                                      f"for token {job.client_token}; not submitted again")
         ledger.update_job(conn, job.id, state="submitting", submit_attempts=job.submit_attempts + 1)
+    crash_point("after_job_row")
     try:
         submitted = provider.submit(request_file=Path(job.input_location or ""), endpoint=flow.endpoint,
                                     model=job.model, client_token=job.client_token, shard_key=shard_key)
@@ -161,6 +164,7 @@ def submit_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
                                                  max_attempts=max_attempts)
         return SubmitOutcome(shard_key, "failed", None, f"provider refused the job: {exc}; {retry} items "
                              f"requeued for a later shard, {failed} failed after {max_attempts} attempts")
+    crash_point("after_provider_accepted")
     with conn.transaction():
         _record_submitted(conn, job, submitted)
     return SubmitOutcome(shard_key, submitted.status.state, submitted.provider_job_id,
@@ -250,6 +254,7 @@ def download_outputs(conn: psycopg.Connection, provider: BatchProvider, shard_ke
         return []  # refused at submit: nothing to download
     dest = output_dir(files_root, job.flow, shard_key)
     files = provider.download(job.provider_job_id, status_of(job), dest)
+    crash_point("after_download")
     return files
 
 
@@ -336,6 +341,7 @@ def ingest_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
         for item in items.values():
             outcomes.setdefault(item.id, ("retryable", missing_reason))
         _apply_outcomes(conn, job.id, outcomes, max_attempts=max_attempts)
+        crash_point("mid_ingest")
         counts = dict(conn.execute(
             "SELECT state, count(*) FROM batch_items WHERE job_id = %s GROUP BY state", (job.id,)).fetchall())
         report.done = counts.get("done", 0)

@@ -201,3 +201,11 @@ class EmbeddingSink:
         if self._error is not None:
             raise RuntimeError(f"writing embeddings failed: {self._error}") from self._error
         return self.rows
+
+
+DONE_WITHOUT_RESULT_SQL = (
+    "SELECT i.subject_key FROM batch_items i JOIN batch_jobs j ON j.id = i.job_id"
+    " WHERE i.flow = 'embeddings' AND i.state = 'done' AND NOT EXISTS (SELECT 1 FROM case_embeddings e"
+    "  WHERE e.case_id = split_part(i.subject_key, ':', 1)::uuid"
+    "  AND e.chunk_index = split_part(i.subject_key, ':', 2)::int AND e.model = j.model)"
+)

@@ -351,3 +351,10 @@ class HeadnoteSink:
             "   (k.headnote_generated_at IS NULL OR k.headnote_generated_at < %(before)s)))",
             {"model": self.model, "overwrite": self.overwrite, "before": self.overwrite_before},
         ).rowcount
+
+
+DONE_WITHOUT_RESULT_SQL = (
+    "SELECT i.subject_key FROM batch_items i JOIN court_cases k ON k.id = i.subject_key::uuid"
+    " WHERE i.flow = 'headnotes' AND i.state = 'done' AND k.headnote IS NULL"
+)
+"""Done headnote items whose case has no headnote (for `legal-batch verify`)."""

@@ -236,17 +236,18 @@ class BedrockProvider:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, max_attempts: int = 5, **options: Any) -> BedrockProvider:
+    def from_settings(cls, settings: Settings, *, max_retries: int = 5, **options: Any) -> BedrockProvider:
         """Clients from boto3's own configuration (region, endpoints, credentials), standard retries.
 
-        `max_attempts` is botocore's total attempts per call (standard mode); `options` go to `__init__`."""
+        `max_retries` is botocore's retries `max_attempts` (in botocore: retries after the first call,
+        so 5 means up to 6 calls); `options` go to `__init__`."""
         if not settings.s3_bucket:
             raise ProviderError("LEGAL_BATCH_S3_BUCKET is not set: the bedrock provider needs an S3 bucket for "
                                 "request and output files (Bedrock reads and writes it with the service role)")
         if not settings.bedrock_role_arn:
             raise ProviderError("LEGAL_BATCH_BEDROCK_ROLE_ARN is not set: the bedrock provider needs the IAM "
                                 "service role Bedrock assumes to read the requests and write the outputs")
-        config = Config(retries={"mode": "standard", "max_attempts": max_attempts})
+        config = Config(retries={"mode": "standard", "max_attempts": max_retries})
         session = boto3.session.Session()
         try:
             clients = {name: session.client(name, config=config) for name in ("s3", "bedrock", "bedrock-runtime")}

@@ -280,3 +280,23 @@ def test_a_database_without_pgvector_gets_a_clear_error(pg_admin_url):
     finally:
         with psycopg.connect(pg_admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def test_verify_finds_a_vector_deleted_behind_the_pipelines_back_and_a_rerun_repairs_it(
+        lb_env, conn, dagster_instance):
+    from legal_batch.core.embeddings import DONE_WITHOUT_RESULT_SQL
+    from legal_batch.core.verify import verify
+
+    seed_demo_cases(conn, cases=2)
+    runner(dagster_instance).run(wait=True, poll_interval=0)
+    assert verify(conn, {"embeddings": DONE_WITHOUT_RESULT_SQL}).ok
+    deleted = conn.execute("DELETE FROM case_embeddings WHERE chunk_index = 1").rowcount
+    conn.execute("UPDATE batch_items SET last_error = NULL WHERE state = 'done'")
+
+    report = verify(conn, {"embeddings": DONE_WITHOUT_RESULT_SQL})
+    assert [(v.rule, v.count) for v in report.violations] == [("done item without its result row", deleted)]
+
+    runner(dagster_instance).run(wait=True, poll_interval=0)
+    assert verify(conn, {"embeddings": DONE_WITHOUT_RESULT_SQL}).ok
+    assert count(conn, "SELECT count(*) FROM case_embeddings") == count(conn, "SELECT count(*) FROM case_chunks")
+    assert len(ledger.list_jobs(conn)) == 2, "only the deleted vectors were requested again"

@@ -1,0 +1,1 @@
+"""Throughput and memory figures, run on demand (`make bench`); never timed tests."""

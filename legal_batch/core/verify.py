@@ -1,0 +1,110 @@
+"""The nothing-lost invariant, proven from the database alone (`legal-batch verify`).
+
+Checks, per flow:
+- every item is in exactly one state, and an open item (`exported`/`submitted`) belongs to a job
+  that is itself open in the matching phase — never to a job already ingested or refused;
+- every `done` item has its result row (the flow says where: `done_without_result_sql`);
+- `failed` and `retryable` items carry a reason;
+- no two jobs share a provider job id, and an open job's items add up to its request count;
+- an ingested job's outcome counts add up to its request count, and the provider's total, when
+  reported, equals it.
+Structural guarantees (one row per subject, one job per shard) are database constraints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import psycopg
+
+
+@dataclass(frozen=True)
+class Violation:
+    flow: str
+    rule: str
+    count: int
+    examples: list[str]
+    repair: str
+
+
+@dataclass
+class VerifyReport:
+    checked_items: dict[str, int] = field(default_factory=dict)
+    checked_jobs: dict[str, int] = field(default_factory=dict)
+    violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+_RULES: list[tuple[str, str, str]] = [
+    (
+        "open item in a job that is not open",
+        "SELECT i.subject_key || ' (' || i.state || ', job ' || j.shard_key || ' ' || j.state || ')'"
+        " FROM batch_items i JOIN batch_jobs j ON j.id = i.job_id"
+        " WHERE i.flow = %(flow)s AND ((i.state = 'exported' AND j.state NOT IN ('planned', 'exported', 'submitting'))"
+        "   OR (i.state = 'submitted' AND j.state NOT IN ('pending', 'running', 'completed', 'partial', 'failed',"
+        "       'cancelled', 'expired')))",
+        "run the flow's ingest for that shard (`legal-batch <flow> ingest`); an ingested job's leftovers are "
+        "released by re-running ingest after resetting the job state to its provider status",
+    ),
+    (
+        "open item without a job",
+        "SELECT subject_key FROM batch_items WHERE flow = %(flow)s AND state IN ('exported', 'submitted')"
+        " AND job_id IS NULL",
+        "UPDATE batch_items SET state = 'retryable' for these rows; the planner picks them up again",
+    ),
+    (
+        "failed or retryable item without a reason",
+        "SELECT subject_key FROM batch_items WHERE flow = %(flow)s AND state IN ('failed', 'retryable')"
+        " AND (last_error IS NULL OR last_error = '')",
+        "inspect the job's error file; these items can be retried safely",
+    ),
+    (
+        "open job whose items do not add up to its request count",
+        "SELECT j.shard_key || ': ' || j.request_count || ' requests, ' || count(i.id) || ' open items'"
+        " FROM batch_jobs j LEFT JOIN batch_items i ON i.job_id = j.id AND i.state IN ('exported', 'submitted')"
+        " WHERE j.flow = %(flow)s AND j.state IN ('planned', 'exported', 'submitting', 'pending', 'running')"
+        " GROUP BY j.id HAVING count(i.id) <> j.request_count",
+        "an item was moved or deleted behind the pipeline's back; cancel the job and re-plan",
+    ),
+    (
+        "ingested job whose outcomes do not add up",
+        "SELECT shard_key || ': ' || request_count || ' requests, ' || coalesce(items_done, 0) || ' done + '"
+        " || coalesce(items_retryable, 0) || ' retryable + ' || coalesce(items_failed, 0) || ' failed'"
+        " FROM batch_jobs WHERE flow = %(flow)s AND state = 'ingested'"
+        " AND coalesce(items_done, 0) + coalesce(items_retryable, 0) + coalesce(items_failed, 0) <> request_count",
+        "re-ingest is a no-op; investigate the ingest logs of that shard",
+    ),
+    (
+        "provider total differs from the ledger's request count",
+        "SELECT shard_key || ': provider says ' || completed_count + failed_count || ', ledger ' || request_count"
+        " FROM batch_jobs WHERE flow = %(flow)s AND state IN ('completed', 'ingested')"
+        " AND completed_count IS NOT NULL AND failed_count IS NOT NULL"
+        " AND provider_status NOT IN ('expired', 'cancelled', 'Expired', 'Stopped', 'PartiallyCompleted')"
+        " AND completed_count + failed_count <> request_count",
+        "the provider processed a different file than recorded: compare the request file with the job's input",
+    ),
+]
+
+
+def verify(conn: psycopg.Connection, flows: Mapping[str, str | None], *, examples: int = 5) -> VerifyReport:
+    """Check every rule for each flow; `flows` maps a flow name to its done-without-result SQL (or None)."""
+    report = VerifyReport()
+    for flow, missing_sql in flows.items():
+        report.checked_items[flow] = conn.execute(
+            "SELECT count(*) FROM batch_items WHERE flow = %s", (flow,)).fetchone()[0]
+        report.checked_jobs[flow] = conn.execute(
+            "SELECT count(*) FROM batch_jobs WHERE flow = %s", (flow,)).fetchone()[0]
+        rules = list(_RULES)
+        if missing_sql:
+            rules.append(("done item without its result row", missing_sql,
+                          f"run the {flow} flow again: those subjects are candidates again and get re-requested"))
+        for rule, sql, repair in rules:
+            rows = conn.execute(sql, {"flow": flow}).fetchall()
+            if rows:
+                report.violations.append(Violation(flow, rule, len(rows), [str(r[0]) for r in rows[:examples]],
+                                                   repair))
+    return report

@@ -1,0 +1,110 @@
+"""Headnotes of court judgments, written back to `court_cases`, through provider batch jobs.
+
+`headnote_candidates` → `headnote_request_files` → `headnote_batch_jobs` → `headnote_batch_outputs`
+→ `court_case_headnotes`, one dynamic partition per shard (see `flows.batch_assets`).
+
+Configuration (`LEGAL_BATCH_*`): `HEADNOTES_PROVIDER`, `HEADNOTE_MODEL`, `HEADNOTE_FEW_SHOT`,
+`HEADNOTE_MAX_CHARS`, `HEADNOTE_MAX_TOKENS`, `HEADNOTE_TEMPERATURE`, and `HEADNOTE_OVERWRITE` (with
+`HEADNOTE_OVERWRITE_BEFORE`) to regenerate existing headnotes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import dagster as dg
+import psycopg
+
+from legal_batch.core import ledger
+from legal_batch.core.headnotes import HeadnotesFlow
+from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
+from legal_batch.flows.headnotes.checks import HEADNOTE_CHECK_SPECS, headnote_checks
+from legal_batch.providers.base import BatchProvider
+from legal_batch.resources import get_settings
+from legal_batch.resources.providers import make_provider, provider_name_for
+
+NAMES = FlowNames(flow="headnotes", prefix="headnote", results="court_case_headnotes")
+PROCESS_STARTED = datetime.now(UTC)
+"""Default overwrite cut-off: with `LEGAL_BATCH_HEADNOTE_OVERWRITE` and no `..._OVERWRITE_BEFORE`,
+headnotes generated before this process started are regenerated, never the ones it writes."""
+
+
+def make_flow(provider: BatchProvider, config: CandidatesConfig | None) -> HeadnotesFlow:
+    settings = get_settings()
+    return HeadnotesFlow(
+        model=settings.headnote_model or provider.default_model("chat"),
+        few_shot=settings.headnote_few_shot,
+        max_chars=settings.headnote_max_chars,
+        max_tokens=settings.headnote_max_tokens,
+        temperature=settings.headnote_temperature,
+        limit_cases=config.limit if config else None,
+        overwrite=settings.headnote_overwrite,
+        overwrite_before=(settings.headnote_overwrite_before or PROCESS_STARTED) if settings.headnote_overwrite
+        else None,
+        max_input_tokens=provider.limits.max_input_tokens,
+    )
+
+
+def estimate_candidates(context: dg.AssetExecutionContext, conn: psycopg.Connection, config: CandidatesConfig) -> dict:
+    """Before planning: what every current candidate would cost (the run's estimate), and the ledger's
+    totals so far; this is metadata on `headnote_candidates`."""
+    settings = get_settings()
+    flow = make_flow(make_provider(provider_name_for("headnotes", settings), settings), config)
+    estimate = flow.estimate(conn)
+    totals = ledger.summary(conn, NAMES.flow)
+    without_text = conn.execute(
+        "SELECT count(*) FROM court_cases WHERE headnote IS NULL AND (full_text IS NULL OR btrim(full_text) = '')"
+    ).fetchone()[0]
+    context.log.info(
+        f"{estimate.requests} cases need a headnote ({flow.model}): ~{estimate.est_input_tokens:,} input tokens, "
+        f"at most {estimate.est_output_tokens_max:,} output tokens, est. ${estimate.est_batch_usd:.4f} at batch "
+        f"price (${estimate.realtime_equivalent_usd:.4f} real-time)"
+        + ("" if estimate.priced else f"; no price known for {flow.model}: set LEGAL_BATCH_PRICES"))
+    return {
+        "model": flow.model,
+        "overwrite": flow.overwrite,
+        "cases_without_text": without_text,
+        "run_est_requests": estimate.requests,
+        "run_est_input_tokens": estimate.est_input_tokens,
+        "run_est_output_tokens_max": estimate.est_output_tokens_max,
+        "run_est_batch_usd": estimate.est_batch_usd,
+        "run_realtime_equivalent_usd": estimate.realtime_equivalent_usd,
+        "batch_discount": estimate.batch_discount,
+        "priced": estimate.priced,
+        "ledger_est_cost_usd": float(totals.est_cost_usd),
+        "ledger_actual_cost_usd": float(totals.actual_cost_usd),
+    }
+
+
+def check_headnotes(conn: psycopg.Connection, job: ledger.JobRow) -> list[dg.AssetCheckResult]:
+    return headnote_checks(conn, job, max_tokens=get_settings().headnote_max_tokens)
+
+
+DEFS = build_flow_definitions(
+    NAMES,
+    make_flow=make_flow,
+    prepare=estimate_candidates,
+    result_check_specs=HEADNOTE_CHECK_SPECS,
+    result_checks=check_headnotes,
+    descriptions={
+        "candidates": "Court judgments that need a headnote. Grain: one case (subject key = case id, custom id "
+                      "case-<uuid>). Cases with non-empty full_text and no headnote (with "
+                      "LEGAL_BATCH_HEADNOTE_OVERWRITE, also older ones) and no open or failed ledger item are "
+                      "cut into shards under the provider's limits. Metadata: the run's estimated tokens and "
+                      "cost (output at max_tokens per request) at batch and real-time prices. Idempotent: "
+                      "in-flight and done cases are never planned again.",
+        "request_files": "One shard's JSONL request file: one chat-completion line per case with the law "
+                         "reporter's instructions, the shard's few-shot examples (newest in headnote_corpus, "
+                         "the same for every line) and the judgment, cut at a paragraph boundary with a visible "
+                         "marker beyond LEGAL_BATCH_HEADNOTE_MAX_CHARS or the provider's input limit. Rewritten "
+                         "identically until submitted.",
+        "batch_jobs": "The provider batch job of one shard. Submitted once: the ledger row and client token are "
+                      "written before the provider call, and a crash in between is reconciled, not resubmitted.",
+        "batch_outputs": "The downloaded output and error files of one finished provider job.",
+        "results": "Headnotes in court_cases (headnote, headnote_model, headnote_generated_at). Grain: one case. "
+                   "Empty answers, refusals, answers cut at max_tokens and error lines are not written; their "
+                   "items are retried with the reason. Only cases still without a headnote are updated unless "
+                   "overwrite is on. One transaction per shard: headnotes and ledger items together; re-ingest "
+                   "changes nothing.",
+    },
+)

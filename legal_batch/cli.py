@@ -180,9 +180,9 @@ def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
     def export(limit: Annotated[int | None, typer.Option(help="At most N source records.")] = None,
                overwrite: Annotated[bool, overwrite_option] = False) -> None:
         """Prepare candidates and cut them into shards (request files are written on submit)."""
-        _set_overwrite(flow, overwrite_env, overwrite)
-        from legal_batch.flows.runner import FlowRunner, FlowRun
+        from legal_batch.flows.runner import FlowRun, FlowRunner
 
+        _set_overwrite(flow, overwrite_env, overwrite)
         flow_defs, defs = _flow_defs(flow)
         runner = FlowRunner(flow_defs, defs, flow=flow, echo=console.print)
         runner.plan(FlowRun(flow), limit=limit)

@@ -6,7 +6,7 @@ from legal_batch.core.embeddings import DONE_WITHOUT_RESULT_SQL as EMBEDDINGS_DO
 from legal_batch.core.headnotes import DONE_WITHOUT_RESULT_SQL as HEADNOTES_DONE_WITHOUT_RESULT
 from legal_batch.flows.embeddings.assets import DEFS as EMBEDDINGS
 from legal_batch.flows.headnotes.assets import DEFS as HEADNOTES
-from legal_batch.resources import ProvidersResource, DatabaseResource, FileStoreResource
+from legal_batch.resources import DatabaseResource, FileStoreResource, ProvidersResource
 
 FLOWS_BY_NAME = {"embeddings": EMBEDDINGS, "headnotes": HEADNOTES}
 DONE_WITHOUT_RESULT = {"embeddings": EMBEDDINGS_DONE_WITHOUT_RESULT, "headnotes": HEADNOTES_DONE_WITHOUT_RESULT}

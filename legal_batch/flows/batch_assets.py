@@ -9,8 +9,8 @@ chunking) and its result checks; the asset bodies only orchestrate `core.batch` 
 
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 import psycopg

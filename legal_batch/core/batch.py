@@ -34,6 +34,7 @@ from legal_batch.providers.base import (
 log = logging.getLogger("legal_batch")
 
 SUBMIT_BACKOFF_SECONDS = (60, 300, 900, 1800, 3600)
+_SUBMIT_LOCK = 0x4C42  # advisory lock namespace (first key) for "submitting shard <job id>"
 
 
 class ShardNotReady(RuntimeError):
@@ -124,7 +125,19 @@ def submit_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
                  max_attempts: int = 3) -> SubmitOutcome:
     """Submit the shard's request file once. The job row is marked `submitting` (with the client
     token the provider echoes) before the provider call, so a crash in between is reconciled by
-    `find_job`, never submitted twice."""
+    `find_job`, never submitted twice. A session advisory lock on the job makes a concurrent
+    submitter of the same shard step aside (the lock dies with a crashed process)."""
+    key = (_SUBMIT_LOCK << 32) + ledger.get_job(conn, shard_key).id
+    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+        return SubmitOutcome(shard_key, "submitting", None, "another process is submitting this shard; skipped")
+    try:
+        return _submit_locked(conn, flow, provider, shard_key, max_attempts=max_attempts)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
+                   max_attempts: int) -> SubmitOutcome:
     with conn.transaction():
         job = ledger.get_job(conn, shard_key, for_update=True)
         if job.state in ("planned",):

@@ -8,7 +8,8 @@ chunking) and its result checks; the asset bodies only orchestrate `core.batch` 
 
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ import psycopg
 
 from legal_batch.core import batch, ledger
 from legal_batch.core.flow import Flow
-from legal_batch.providers.base import BatchProvider
+from legal_batch.providers.base import BatchProvider, ProviderError, UnsupportedRequest
 from legal_batch.resources import DatabaseResource, FileStoreResource, ProvidersResource, get_settings
 
 Prepare = Callable[[dg.AssetExecutionContext, psycopg.Connection, "CandidatesConfig"], dict]
@@ -64,10 +65,13 @@ def build_flow_definitions(
     result_check_specs: Sequence[dg.AssetCheckSpec] = (),
     result_checks: ResultChecks | None = None,
     descriptions: dict[str, str],
+    candidates_name: str | None = None,
 ) -> FlowDefinitions:
-    """Assets, jobs and sensors of one batch flow (see the module docstring)."""
+    """Assets, jobs and sensors of one batch flow (see the module docstring).
+
+    `candidates_name` names the first asset when `<prefix>_candidates` does not fit (e.g. `template_inputs`)."""
     partitions = dg.DynamicPartitionsDefinition(name=f"{names.prefix}_shards")
-    candidates_key = f"{names.prefix}_candidates"
+    candidates_key = candidates_name or f"{names.prefix}_candidates"
     files_key = f"{names.prefix}_request_files"
     jobs_key = f"{names.prefix}_batch_jobs"
     outputs_key = f"{names.prefix}_batch_outputs"
@@ -78,7 +82,7 @@ def build_flow_definitions(
                    providers: ProvidersResource) -> dg.MaterializeResult:
         provider = providers.for_flow(names.flow)
         flow = make_flow(provider, config)
-        with database.connect() as conn:
+        with _clear_failures(), database.connect() as conn:
             prepared = prepare(context, conn, config) if prepare else {}
             model = getattr(flow, "model", None) or provider.default_model(flow.endpoint)
             result = batch.plan(conn, flow, provider, model=model, cap_records=get_settings().shard_max_records,
@@ -105,7 +109,7 @@ def build_flow_definitions(
     def request_files(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
                       providers: ProvidersResource) -> dg.MaterializeResult:
         shard_key = context.partition_key
-        with database.connect() as conn:
+        with _clear_failures(), database.connect() as conn:
             job = ledger.get_job(conn, shard_key)
             provider = providers.named(job.provider)
             written = batch.write_request_file(conn, make_flow(provider, None), provider, shard_key,
@@ -125,7 +129,7 @@ def build_flow_definitions(
               retry_policy=dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL))
     def batch_jobs(context: dg.AssetExecutionContext, database: DatabaseResource,
                    providers: ProvidersResource) -> dg.MaterializeResult:
-        with database.connect() as conn:
+        with _clear_failures(), database.connect() as conn:
             job = ledger.get_job(conn, context.partition_key)
             provider = providers.named(job.provider)
             outcome = batch.submit_shard(conn, make_flow(provider, None), provider, context.partition_key,
@@ -147,7 +151,7 @@ def build_flow_definitions(
               retry_policy=dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL))
     def batch_outputs(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
                       providers: ProvidersResource) -> dg.MaterializeResult:
-        with database.connect() as conn:
+        with _clear_failures(), database.connect() as conn:
             job = ledger.get_job(conn, context.partition_key)
             provider = providers.named(job.provider)
             paths = batch.download_outputs(conn, provider, context.partition_key, files_root=files.path())
@@ -169,7 +173,7 @@ def build_flow_definitions(
     def results(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
                 providers: ProvidersResource) -> dg.MaterializeResult:
         shard_key = context.partition_key
-        with database.connect() as conn:
+        with _clear_failures(), database.connect() as conn:
             job = ledger.get_job(conn, shard_key)
             provider = providers.named(job.provider)
             paths = sorted(p for p in batch.output_dir(files.path(), names.flow, shard_key).glob("*")
@@ -260,6 +264,19 @@ def build_flow_definitions(
         status_sensor=status_sensor,
         planner_sensor=planner_sensor,
     )
+
+
+@contextmanager
+def _clear_failures() -> Iterator[None]:
+    """Errors that a retry cannot fix fail the step at once, with their message, and no retries."""
+    try:
+        yield
+    except (batch.ShardNotReady, LookupError, UnsupportedRequest) as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    except ProviderError as exc:
+        if exc.retryable:
+            raise
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
 
 
 def _now():

@@ -7,6 +7,7 @@ a crash or twice in a row changes nothing that was already done.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -48,6 +49,8 @@ def plan(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, *, model
     """Cut new shards from the flow's candidates (see `ledger.plan_shards`)."""
     sql, params = flow.candidate_sql()
     limits = ShardLimits.of(provider.limits, cap_records=cap_records)
+    if flow.endpoint != "embeddings":  # chat flows truncate their own prompts; the limit is for embeddings
+        limits = dataclasses.replace(limits, max_input_tokens=10**9)
     return ledger.plan_shards(
         conn, flow=flow.name, provider=provider.name, model=model, candidate_sql=sql, params=params,
         limits=limits, max_shards=max_shards,
@@ -222,6 +225,10 @@ def poll_open_jobs(conn: psycopg.Connection, providers: Callable[[str], BatchPro
                 _record_submitted(conn, job, found)
             job = ledger.get_job(conn, job.shard_key)
         status = provider.poll(job.provider_job_id or "")
+        if status.quota_exceeded:
+            _requeue_for_quota(conn, job, status)
+            polled.append(Polled(ledger.get_job(conn, job.shard_key), status))
+            continue
         with conn.transaction():
             values: dict[str, object] = dict(
                 state=status.state, provider_status=status.raw_status, completed_count=status.completed,
@@ -235,6 +242,25 @@ def poll_open_jobs(conn: psycopg.Connection, providers: Callable[[str], BatchPro
             ledger.update_job(conn, job.id, **values)
         polled.append(Polled(ledger.get_job(conn, job.shard_key), status))
     return polled
+
+
+def _requeue_for_quota(conn: psycopg.Connection, job: JobRow, status: JobStatus) -> None:
+    """A job the provider failed for quota only (e.g. enqueued-token limit): the shard goes back to
+    `exported` with back-off and a new client token; its items keep their attempts."""
+    delay = SUBMIT_BACKOFF_SECONDS[min(job.submit_attempts, len(SUBMIT_BACKOFF_SECONDS) - 1)]
+    with conn.transaction():
+        ledger.update_job(
+            conn, job.id, state="exported", provider_job_id=None, provider_status=status.raw_status,
+            client_token=ledger.new_client_token(), next_submit_at=datetime.now(UTC) + timedelta(seconds=delay),
+            last_error=f"provider job {job.provider_job_id} refused for quota ({status.message}); requeued, "
+                       f"next submit after {delay} s",
+        )
+        conn.execute(
+            "UPDATE batch_items SET state = 'exported', attempts = greatest(attempts - 1, 0), updated_at = now()"
+            " WHERE job_id = %s AND state = 'submitted'",
+            (job.id,),
+        )
+    log.warning("shard %s: provider job %s hit a quota; requeued in %s s", job.shard_key, job.provider_job_id, delay)
 
 
 def status_of(job: JobRow) -> JobStatus:

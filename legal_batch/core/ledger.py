@@ -11,6 +11,7 @@ Rules that make "nothing lost, nothing paid twice" true:
 from __future__ import annotations
 
 import hashlib
+import uuid
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
@@ -182,7 +183,7 @@ def plan_shards(
             job_id = conn.execute(
                 "INSERT INTO batch_jobs (flow, provider, model, shard_key, client_token, state, request_count,"
                 " est_input_tokens) VALUES (%s, %s, %s, %s, %s, 'planned', %s, %s) RETURNING id",
-                (flow, provider, model, shard_key, _client_token(shard_key), len(shard), sum(c.tokens for c in shard)),
+                (flow, provider, model, shard_key, new_client_token(), len(shard), sum(c.tokens for c in shard)),
             ).fetchone()[0]
             _claim_items(conn, flow, job_id, shard)
             shard_keys.append(shard_key)
@@ -199,9 +200,10 @@ def _first(shards: Iterator[list[Candidate]], count: int) -> list[list[Candidate
     return taken
 
 
-def _client_token(shard_key: str) -> str:
-    """The token the provider echoes back (metadata / clientRequestToken / job name): Bedrock-name-safe."""
-    return "lb-" + hashlib.sha256(shard_key.encode()).hexdigest()[:24]
+def new_client_token() -> str:
+    """The token the provider echoes back (metadata / clientRequestToken / job name): Bedrock-name-safe,
+    unique per submission attempt, so a fresh database never adopts another installation's job."""
+    return "lb-" + uuid.uuid4().hex[:24]
 
 
 def _claim_items(conn: psycopg.Connection, flow: str, job_id: int, shard: list[Candidate]) -> None:
@@ -286,7 +288,7 @@ def list_jobs(conn: psycopg.Connection, *, flow: str | None = None, states: Iter
 
 
 def update_job(conn: psycopg.Connection, job_id: int, **values: object) -> None:
-    allowed = {f.name for f in fields(JobRow)} - {"id", "flow", "shard_key", "client_token", "created_at"}
+    allowed = {f.name for f in fields(JobRow)} - {"id", "flow", "shard_key", "created_at"}
     unknown = set(values) - allowed
     if unknown:
         raise ValueError(f"not batch_jobs columns: {sorted(unknown)}")

@@ -7,6 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from dotenv import load_dotenv
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -24,6 +25,17 @@ class Settings(BaseSettings):
     embeddings_provider: EmbeddingsProvider = "local"
     headnotes_provider: ChatProvider = "local"
     template_provider: ChatProvider = "local"
+    template_input: Path | None = Field(default=None, description="template flow (Dagster): input file or folder "
+                                        "(train/, val/, test/ splits allowed); unset → only runs staged by the CLI.")
+    template_templates: Path | None = Field(default=None, description="template flow: folder with prompts.json.")
+    template_schema: Path | None = Field(default=None, description="template flow: JSON Schema of one result.")
+    template_output: Path | None = Field(default=None, description="template flow: output folder.")
+    template_mode: Literal["auto", "batch", "realtime"] = "auto"
+    template_prefix: str = Field(default="llm_", description="template flow: prefix of the result columns.")
+    template_batch_threshold: int = Field(default=1_000, description="template flow, auto mode: batch from this "
+                                          "many records on (and at least the provider's minimum per job).")
+    template_max_field_chars: int = Field(default=20_000, description="template flow: longer placeholder values "
+                                          "are truncated (and counted in the summary).")
     embedding_model: str | None = Field(default=None, description="Unset → the provider's default model.")
     embedding_dimensions: int = 1024
     chunk_max_tokens: int = 512
@@ -59,6 +71,9 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def _cached() -> Settings:
+    # A `.env` file also carries the SDKs' own variables (OPENAI_API_KEY, AWS_*): put them in the
+    # environment (never overriding what is already set) so the SDKs read them unchanged.
+    load_dotenv(".env", override=False)
     return Settings()
 
 

@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
@@ -230,7 +231,7 @@ def build_flow_definitions(
                 requests.append(dg.RunRequest(job_name=candidates_job.name,
                                               run_key=f"plan:{hashlib.sha256(state.encode()).hexdigest()[:16]}"))
             for job in ledger.list_jobs(conn, flow=names.flow, states=("planned", "exported")):
-                if job.next_submit_at is None or job.next_submit_at <= _now():
+                if job.next_submit_at is None or job.next_submit_at <= datetime.now(UTC):
                     requests.append(dg.RunRequest(job_name=submit_job.name, partition_key=job.shard_key,
                                                   run_key=f"submit:{job.shard_key}:{job.submit_attempts}"))
         return dg.SensorResult(run_requests=requests)
@@ -277,12 +278,6 @@ def _clear_failures() -> Iterator[None]:
         if exc.retryable:
             raise
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
-
-
-def _now():
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
 
 
 def _accounted_check(conn: psycopg.Connection, job: ledger.JobRow) -> dg.AssetCheckResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +29,7 @@ from legal_batch.providers.base import (
     JobStatus,
     ProviderError,
     ProviderQuotaError,
+    Result,
     SubmittedJob,
 )
 
@@ -141,6 +142,8 @@ def submit_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
 
 def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
                    max_attempts: int) -> SubmitOutcome:
+    if ledger.get_job(conn, shard_key).mode == "realtime":
+        return _serve_realtime(conn, flow, provider, shard_key, max_attempts=max_attempts)
     with conn.transaction():
         job = ledger.get_job(conn, shard_key, for_update=True)
         if job.state in ("planned",):
@@ -185,6 +188,28 @@ def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider
         _record_submitted(conn, job, submitted)
     return SubmitOutcome(shard_key, submitted.status.state, submitted.provider_job_id,
                          f"submitted {job.request_count} requests as {submitted.provider_job_id}")
+
+
+def _serve_realtime(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
+                    max_attempts: int) -> SubmitOutcome:
+    """A shard below the provider's minimum records per job (Bedrock: 100) is served by the real-time
+    path instead of a batch job that would fail: requests and results in one transaction, at the
+    real-time price."""
+    with conn.transaction():
+        job = ledger.get_job(conn, shard_key, for_update=True)
+        if job.state not in ("exported", "submitting"):
+            return SubmitOutcome(shard_key, job.state, job.provider_job_id, f"already {job.state}; nothing to do")
+        conn.execute("UPDATE batch_items SET state = 'submitted', attempts = attempts + 1, updated_at = now()"
+                     " WHERE job_id = %s AND state = 'exported'", (job.id,))
+        ledger.update_job(conn, job.id, state="completed", provider_status="realtime", submitted_at=datetime.now(UTC),
+                          finished_at=datetime.now(UTC), submit_attempts=job.submit_attempts + 1)
+        job = ledger.get_job(conn, shard_key)
+        requests = list(flow.requests(conn, job.id))
+        results = provider.realtime(requests, endpoint=flow.endpoint, model=job.model)
+        report = _ingest_results(conn, flow, job, results, IngestReport(shard_key, None), max_attempts=max_attempts)
+    return SubmitOutcome(shard_key, "ingested", None,
+                         f"{job.request_count} requests are below the provider's minimum per batch job "
+                         f"({provider.limits.min_records_per_job}): served in real time; {report.summary()}")
 
 
 def _record_submitted(conn: psycopg.Connection, job: JobRow, submitted: SubmittedJob) -> None:
@@ -339,61 +364,71 @@ def ingest_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
             return report
         if job.state not in TERMINAL_STATES:
             raise ShardNotReady(f"shard {shard_key}: job {job.provider_job_id} is {job.state}; ingest after it finishes")
-        items = {
-            row[2]: Item(*row)
-            for row in conn.execute(
-                "SELECT id, subject_key, custom_id FROM batch_items WHERE job_id = %s AND state = 'submitted'",
-                (job.id,),
-            )
-        }
-        outcomes: dict[int, tuple[str, str | None]] = {}
-        sink = flow.sink(conn, model=job.model)
-        count = 0
-        for result in provider.iter_results(files, endpoint=flow.endpoint):
-            count += 1
-            if on_progress is not None and count % 1000 == 0:
-                on_progress(count)
-            report.input_tokens += result.input_tokens
-            report.output_tokens += result.output_tokens
-            where = f"{result.where} of job {job.provider_job_id}"
-            if result.custom_id is None:
-                report.problems.append(f"{where}: {result.error}")
-                continue
-            item = items.get(result.custom_id)
-            if item is None:
-                report.problems.append(f"{where}: unknown custom id {result.custom_id!r} (not a request of this shard)")
-                continue
-            if item.id in outcomes and outcomes[item.id][0] == "done":
-                report.problems.append(f"{where}: duplicate result for {result.custom_id!r}; the first was kept")
-                continue
-            if result.error is not None:
-                state = "retryable" if result.retryable else "failed"
-                outcomes[item.id] = (state, f"{where}, {result.custom_id}: {result.error}")
-                continue
-            reason = sink.accept(item, result)
-            outcomes[item.id] = ("done", None) if reason is None else (
-                "retryable", f"{where}, {result.custom_id}: {reason}")
-        report.rows_written = sink.finish()
-        missing_reason = f"no result for this request in the output of job {job.provider_job_id} ({job.state})"
-        if report.problems:
-            missing_reason += f"; {len(report.problems)} output lines were unusable, e.g. {report.problems[0]}"
-        for item in items.values():
-            outcomes.setdefault(item.id, ("retryable", missing_reason))
-        _apply_outcomes(conn, job.id, outcomes, max_attempts=max_attempts)
-        crash_point("mid_ingest")
-        counts = dict(conn.execute(
-            "SELECT state, count(*) FROM batch_items WHERE job_id = %s GROUP BY state", (job.id,)).fetchall())
-        report.done = counts.get("done", 0)
-        report.retryable = counts.get("retryable", 0)
-        report.failed = counts.get("failed", 0)
-        cost = price(job.model, input_tokens=report.input_tokens, output_tokens=report.output_tokens)
-        report.actual_cost_usd = float(cost.batch_usd)
-        ledger.update_job(
-            conn, job.id, state="ingested", ingested_at=datetime.now(UTC), input_tokens=report.input_tokens,
-            output_tokens=report.output_tokens, actual_cost_usd=cost.batch_usd, items_done=report.done,
-            items_retryable=report.retryable, items_failed=report.failed,
-            last_error=("; ".join(report.problems[:5]))[:2000] if report.problems else job.last_error,
+        return _ingest_results(conn, flow, job, provider.iter_results(files, endpoint=flow.endpoint), report,
+                               max_attempts=max_attempts, on_progress=on_progress)
+
+
+def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: Iterable[Result],
+                    report: IngestReport, *, max_attempts: int,
+                    on_progress: Callable[[int], None] | None = None) -> IngestReport:
+    """Join results to the shard's items on custom id, write the valid ones through the flow's sink
+    and close every item (inside the caller's transaction)."""
+    items = {
+        row[2]: Item(*row)
+        for row in conn.execute(
+            "SELECT id, subject_key, custom_id FROM batch_items WHERE job_id = %s AND state = 'submitted'",
+            (job.id,),
         )
+    }
+    outcomes: dict[int, tuple[str, str | None]] = {}
+    sink = flow.sink(conn, model=job.model)
+    count = 0
+    for result in results:
+        count += 1
+        if on_progress is not None and count % 1000 == 0:
+            on_progress(count)
+        report.input_tokens += result.input_tokens
+        report.output_tokens += result.output_tokens
+        where = f"{result.where} of job {job.provider_job_id}"
+        if result.custom_id is None:
+            report.problems.append(f"{where}: {result.error}")
+            continue
+        item = items.get(result.custom_id)
+        if item is None:
+            report.problems.append(f"{where}: unknown custom id {result.custom_id!r} (not a request of this shard)")
+            continue
+        if item.id in outcomes and outcomes[item.id][0] == "done":
+            report.problems.append(f"{where}: duplicate result for {result.custom_id!r}; the first was kept")
+            continue
+        if result.error is not None:
+            state = "retryable" if result.retryable else "failed"
+            outcomes[item.id] = (state, f"{where}, {result.custom_id}: {result.error}")
+            continue
+        reason = sink.accept(item, result)
+        outcomes[item.id] = ("done", None) if reason is None else (
+            "retryable", f"{where}, {result.custom_id}: {reason}")
+    report.rows_written = sink.finish()
+    missing_reason = f"no result for this request in the output of job {job.provider_job_id} ({job.state})"
+    if report.problems:
+        missing_reason += f"; {len(report.problems)} output lines were unusable, e.g. {report.problems[0]}"
+    for item in items.values():
+        outcomes.setdefault(item.id, ("retryable", missing_reason))
+    _apply_outcomes(conn, job.id, outcomes, max_attempts=max_attempts)
+    crash_point("mid_ingest")
+    counts = dict(conn.execute(
+        "SELECT state, count(*) FROM batch_items WHERE job_id = %s GROUP BY state", (job.id,)).fetchall())
+    report.done = counts.get("done", 0)
+    report.retryable = counts.get("retryable", 0)
+    report.failed = counts.get("failed", 0)
+    cost = price(job.model, input_tokens=report.input_tokens, output_tokens=report.output_tokens,
+                 batch=job.mode == "batch")
+    report.actual_cost_usd = float(cost.batch_usd)
+    ledger.update_job(
+        conn, job.id, state="ingested", ingested_at=datetime.now(UTC), input_tokens=report.input_tokens,
+        output_tokens=report.output_tokens, actual_cost_usd=cost.batch_usd, items_done=report.done,
+        items_retryable=report.retryable, items_failed=report.failed,
+        last_error=("; ".join(report.problems[:5]))[:2000] if report.problems else job.last_error,
+    )
     return report
 
 

@@ -43,6 +43,8 @@ class JobRow:
     flow: str
     provider: str
     model: str
+    mode: str
+    """`batch` (a provider job) or `realtime` (a set below the provider's minimum per job)."""
     shard_key: str
     client_token: str
     provider_job_id: str | None
@@ -172,7 +174,8 @@ def plan_shards(
         for shard in shards:
             if max_shards is not None and len(shard_keys) >= max_shards:
                 break
-            if len(shard) < limits.min_records and not allow_small_final_shard:
+            mode = "realtime" if len(shard) < limits.min_records else "batch"
+            if mode == "realtime" and not allow_small_final_shard:
                 held_back += len(shard)
                 continue
             existing += 1
@@ -181,9 +184,10 @@ def plan_shards(
                 digest.update(c.custom_id.encode())
             shard_key = f"{flow}-{existing:05d}-{digest.hexdigest()[:8]}"
             job_id = conn.execute(
-                "INSERT INTO batch_jobs (flow, provider, model, shard_key, client_token, state, request_count,"
-                " est_input_tokens) VALUES (%s, %s, %s, %s, %s, 'planned', %s, %s) RETURNING id",
-                (flow, provider, model, shard_key, new_client_token(), len(shard), sum(c.tokens for c in shard)),
+                "INSERT INTO batch_jobs (flow, provider, model, mode, shard_key, client_token, state, request_count,"
+                " est_input_tokens) VALUES (%s, %s, %s, %s, %s, %s, 'planned', %s, %s) RETURNING id",
+                (flow, provider, model, mode, shard_key, new_client_token(), len(shard),
+                 sum(c.tokens for c in shard)),
             ).fetchone()[0]
             _claim_items(conn, flow, job_id, shard)
             shard_keys.append(shard_key)

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS batch_jobs (
     flow              text NOT NULL,
     provider          text NOT NULL,
     model             text NOT NULL,
+    mode              text NOT NULL DEFAULT 'batch' CHECK (mode IN ('batch', 'realtime')),
     shard_key         text NOT NULL UNIQUE,
     client_token      text NOT NULL UNIQUE,
     provider_job_id   text UNIQUE,

@@ -37,10 +37,16 @@ log = logging.getLogger("legal_batch")
 
 SUBMIT_BACKOFF_SECONDS = (60, 300, 900, 1800, 3600)
 _SUBMIT_LOCK = 0x4C42  # advisory lock namespace (first key) for "submitting shard <job id>"
+_DOWNLOAD_LOCK = 0x4C43  # ... for "downloading the outputs of shard <job id>"
+_PARTIAL_SUFFIXES = (".tmp", ".part")  # files still being written (jsonl.atomic_writer, downloads)
 
 
 class ShardNotReady(RuntimeError):
     """The shard is not in a state this stage can act on; the message says what to do."""
+
+
+class IngestInterrupted(RuntimeError):
+    """The database connection dropped during a shard's ingest; it was rolled back and can be re-run."""
 
 
 # -- plan ---------------------------------------------------------------------------------------------
@@ -77,30 +83,34 @@ def request_file_path(files_root: Path, flow: str, shard_key: str) -> Path:
 
 def write_request_file(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
                        files_root: Path) -> RequestFile:
-    """Write the shard's JSONL request file (streamed) and record it on the job."""
-    job = ledger.get_job(conn, shard_key)
+    """Write the shard's JSONL request file (streamed) and record it on the job.
+
+    Concurrent writers of one shard take turns (the job's row lock, held until the file is renamed
+    into place), so two processes never write the same file at once."""
     path = request_file_path(files_root, flow.name, shard_key)
-    if job.state not in ("planned", "exported"):
-        if not path.exists():
-            raise ShardNotReady(f"shard {shard_key} is already {job.state} and its request file {path} is gone")
-        return RequestFile(path, job.request_count, path.stat().st_size, job.est_input_tokens or 0,
-                           float(job.est_cost_usd or 0), 0.0, "(already submitted)")
     lines = size = 0
     preview = ""
     max_bytes = provider.limits.max_bytes_per_file
-    with atomic_writer(path) as out, conn.transaction():  # the transaction holds the server-side cursor
-        for request in flow.requests(conn, job.id):
-            line = provider.format_line(request, endpoint=flow.endpoint, model=job.model)
-            if lines == 0:
-                preview = line[:300].decode("utf-8", "replace")
-            out.write(line)
-            lines += 1
-            size += len(line)
-            if size > max_bytes:
-                raise ShardNotReady(
-                    f"shard {shard_key}: request file passed the provider's {max_bytes} byte limit at line "
-                    f"{lines}; lower LEGAL_BATCH_SHARD_MAX_RECORDS and plan again"
-                )
+    with conn.transaction():  # holds the row lock and the server-side cursor
+        job = ledger.get_job(conn, shard_key, for_update=True)
+        if job.state not in ("planned", "exported"):
+            if not path.exists():
+                raise ShardNotReady(f"shard {shard_key} is already {job.state} and its request file {path} is gone")
+            return RequestFile(path, job.request_count, path.stat().st_size, job.est_input_tokens or 0,
+                               float(job.est_cost_usd or 0), 0.0, "(already submitted)")
+        with atomic_writer(path) as out:
+            for request in flow.requests(conn, job.id):
+                line = provider.format_line(request, endpoint=flow.endpoint, model=job.model)
+                if lines == 0:
+                    preview = line[:300].decode("utf-8", "replace")
+                out.write(line)
+                lines += 1
+                size += len(line)
+                if size > max_bytes:
+                    raise ShardNotReady(
+                        f"shard {shard_key}: request file passed the provider's {max_bytes} byte limit at line "
+                        f"{lines}; lower LEGAL_BATCH_SHARD_MAX_RECORDS and plan again"
+                    )
     if lines != job.request_count:
         raise ShardNotReady(
             f"shard {shard_key}: {lines} request lines for {job.request_count} ledger items — the source rows "
@@ -154,6 +164,15 @@ def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider
         if job.next_submit_at is not None and job.next_submit_at > datetime.now(UTC):
             return SubmitOutcome(shard_key, job.state, None,
                                  f"held back after a quota refusal until {job.next_submit_at:%Y-%m-%d %H:%M:%S} UTC")
+        limit = provider.limits.max_concurrent_jobs
+        if job.state == "exported" and limit is not None:
+            open_jobs = conn.execute(
+                "SELECT count(*) FROM batch_jobs WHERE provider = %s AND mode = 'batch'"
+                " AND state IN ('submitting', 'pending', 'running')", (job.provider,)).fetchone()[0]
+            if open_jobs >= limit:
+                ledger.update_job(conn, job.id, next_submit_at=datetime.now(UTC) + timedelta(seconds=60))
+                return SubmitOutcome(shard_key, job.state, None, f"{open_jobs} {job.provider} jobs already open "
+                                     f"(limit {limit} concurrent jobs): held back, next try in 60 s")
         if job.state == "submitting":
             found = provider.find_job(client_token=job.client_token)
             if found is not None:
@@ -213,6 +232,10 @@ def _serve_realtime(conn: psycopg.Connection, flow: Flow, provider: BatchProvide
 
 
 def _record_submitted(conn: psycopg.Connection, job: JobRow, submitted: SubmittedJob) -> None:
+    """Record the provider job on the shard (inside the caller's transaction) unless another process
+    (a poller that found it by its token) already did and moved it on: a job never goes back."""
+    if ledger.get_job(conn, job.shard_key, for_update=True).state not in ("exported", "submitting"):
+        return
     ledger.update_job(conn, job.id, provider_job_id=submitted.provider_job_id, state=submitted.status.state,
                       provider_status=submitted.status.raw_status, submitted_at=datetime.now(UTC),
                       input_location=submitted.input_location, next_submit_at=None, last_error=None)
@@ -235,38 +258,47 @@ def poll_open_jobs(conn: psycopg.Connection, providers: Callable[[str], BatchPro
                    max_jobs: int = 50, time_budget_s: float = 40.0) -> list[Polled]:
     """Poll the least recently updated open jobs (bounded in count and time); record their status.
 
+    Each job is polled under its row lock, taken with SKIP LOCKED: concurrent pollers (sensor ticks,
+    CLI runs) take different jobs, and a slow poller's stale answer never moves a job back.
     Returns every polled job; terminal ones are ready for download and ingest."""
     started = time.monotonic()
     polled: list[Polled] = []
-    for job in ledger.list_jobs(conn, flow=flow, states=("submitting", "pending", "running"), limit=max_jobs):
+    for listed in ledger.list_jobs(conn, flow=flow, states=_POLLED_STATES, limit=max_jobs):
         if time.monotonic() - started > time_budget_s:
             break
-        provider = providers(job.provider)
-        if job.provider_job_id is None:
-            found = provider.find_job(client_token=job.client_token)
-            if found is None:
-                continue  # a submit is in flight or crashed before the provider call; submit reconciles
-            with conn.transaction():
-                _record_submitted(conn, job, found)
-            job = ledger.get_job(conn, job.shard_key)
-        status = provider.poll(job.provider_job_id or "")
-        if status.quota_exceeded:
-            _requeue_for_quota(conn, job, status)
-            polled.append(Polled(ledger.get_job(conn, job.shard_key), status))
-            continue
         with conn.transaction():
-            values: dict[str, object] = dict(
-                state=status.state, provider_status=status.raw_status, completed_count=status.completed,
-                failed_count=status.failed, output_location=status.output_location or job.output_location,
-                error_location=status.error_location or job.error_location,
-            )
-            if status.message:
-                values["last_error"] = status.message
-            if status.terminal and job.finished_at is None:
-                values["finished_at"] = datetime.now(UTC)
-            ledger.update_job(conn, job.id, **values)
-        polled.append(Polled(ledger.get_job(conn, job.shard_key), status))
+            job = ledger.lock_job(conn, listed.id, states=_POLLED_STATES)
+            entry = None if job is None else _poll_locked(conn, providers(job.provider), job)
+        if entry is not None:
+            polled.append(entry)
     return polled
+
+
+_POLLED_STATES = ("submitting", "pending", "running")
+
+
+def _poll_locked(conn: psycopg.Connection, provider: BatchProvider, job: JobRow) -> Polled | None:
+    if job.provider_job_id is None:
+        found = provider.find_job(client_token=job.client_token)
+        if found is None:
+            return None  # a submit is in flight or crashed before the provider call; submit reconciles
+        _record_submitted(conn, job, found)
+        job = ledger.get_job(conn, job.shard_key)
+    status = provider.poll(job.provider_job_id or "")
+    if status.quota_exceeded:
+        _requeue_for_quota(conn, job, status)
+        return Polled(ledger.get_job(conn, job.shard_key), status)
+    values: dict[str, object] = dict(
+        state=status.state, provider_status=status.raw_status, completed_count=status.completed,
+        failed_count=status.failed, output_location=status.output_location or job.output_location,
+        error_location=status.error_location or job.error_location,
+    )
+    if status.message:
+        values["last_error"] = status.message
+    if status.terminal and job.finished_at is None:
+        values["finished_at"] = datetime.now(UTC)
+    ledger.update_job(conn, job.id, **values)
+    return Polled(ledger.get_job(conn, job.shard_key), status)
 
 
 def _requeue_for_quota(conn: psycopg.Connection, job: JobRow, status: JobStatus) -> None:
@@ -304,7 +336,20 @@ def output_dir(files_root: Path, flow: str, shard_key: str) -> Path:
 
 def download_outputs(conn: psycopg.Connection, provider: BatchProvider, shard_key: str, *,
                      files_root: Path) -> list[Path]:
-    """Fetch a terminal job's output and error files to local disk (again, if asked twice)."""
+    """Fetch a terminal job's output and error files to local disk (again, if asked twice).
+
+    Downloads of one shard take turns (a session advisory lock), so two processes never write the
+    same file at once; the providers replace files atomically, so a reader never sees half a file."""
+    key = (_DOWNLOAD_LOCK << 32) + ledger.get_job(conn, shard_key).id
+    conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    try:
+        return _download_locked(conn, provider, shard_key, files_root=files_root)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+def _download_locked(conn: psycopg.Connection, provider: BatchProvider, shard_key: str, *,
+                     files_root: Path) -> list[Path]:
     job = ledger.get_job(conn, shard_key)
     if job.state == "ingested":
         dest = output_dir(files_root, job.flow, shard_key)
@@ -355,17 +400,31 @@ def ingest_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
     """Ingest a terminal shard in ONE transaction: results upserted and items closed together.
 
     Every item of the shard ends `done`, `retryable` (attempts left) or `failed` (with the reason:
-    file, line, id and what was wrong). Running it again changes nothing."""
-    with conn.transaction():
-        job = ledger.get_job(conn, shard_key, for_update=True)
-        report = IngestReport(shard_key, job.provider_job_id)
-        if job.state == "ingested":
-            report.already_ingested = True
-            return report
-        if job.state not in TERMINAL_STATES:
-            raise ShardNotReady(f"shard {shard_key}: job {job.provider_job_id} is {job.state}; ingest after it finishes")
-        return _ingest_results(conn, flow, job, provider.iter_results(files, endpoint=flow.endpoint), report,
-                               max_attempts=max_attempts, on_progress=on_progress)
+    file, line, id and what was wrong). Running it again changes nothing. Files still being written
+    (`*.tmp`, `*.part`) are skipped. If the database connection drops, the transaction is rolled
+    back and `IngestInterrupted` says so: nothing of the shard was written, run the ingest again."""
+    files = [path for path in files if not path.name.endswith(_PARTIAL_SUFFIXES)]
+    try:
+        with conn.transaction():
+            job = ledger.get_job(conn, shard_key, for_update=True)
+            report = IngestReport(shard_key, job.provider_job_id)
+            if job.state == "ingested":
+                report.already_ingested = True
+                return report
+            if job.state not in TERMINAL_STATES:
+                raise ShardNotReady(f"shard {shard_key}: job {job.provider_job_id} is {job.state}; ingest after it "
+                                    "finishes")
+            return _ingest_results(conn, flow, job, provider.iter_results(files, endpoint=flow.endpoint), report,
+                                   max_attempts=max_attempts, on_progress=on_progress)
+    except Exception as exc:
+        if not (conn.broken or isinstance(exc, psycopg.OperationalError)):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise IngestInterrupted(
+            f"ingest of shard {shard_key} was interrupted: the database connection failed ({detail}). The "
+            "transaction was rolled back, so no result of this shard was written and its items are unchanged; "
+            f"run the ingest again (`legal-batch {flow.name} ingest`, or re-execute the shard's ingest run — "
+            "its retry policy does so by itself)") from exc
 
 
 def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: Iterable[Result],

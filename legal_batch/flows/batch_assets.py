@@ -233,7 +233,8 @@ def build_flow_definitions(
             for job in ledger.list_jobs(conn, flow=names.flow, states=("planned", "exported")):
                 if job.next_submit_at is None or job.next_submit_at <= datetime.now(UTC):
                     requests.append(dg.RunRequest(job_name=submit_job.name, partition_key=job.shard_key,
-                                                  run_key=f"submit:{job.shard_key}:{job.submit_attempts}"))
+                                                  run_key=f"submit:{job.shard_key}:{job.submit_attempts}:"
+                                                          f"{job.next_submit_at or ''}"))
         return dg.SensorResult(run_requests=requests)
 
     @dg.sensor(name=f"{names.prefix}_job_status_sensor", job=ingest_job, minimum_interval_seconds=60,

@@ -123,9 +123,7 @@ def test_unusable_cases_and_oversize_chunks_fail_with_a_reason_and_the_rest_is_e
 
 
 def test_nul_characters_in_text_are_refused_before_any_request(lb_env, conn):
-    from legal_batch.core.embeddings import sync_chunks
-
-    from legal_batch.core.embeddings import _unusable
+    from legal_batch.core.embeddings import _unusable, sync_chunks
 
     # Postgres text cannot store NUL (psycopg refuses it), so the check guards text from other loaders
     with pytest.raises(psycopg.DataError):

@@ -156,6 +156,11 @@ def _flow_run(flow: str, *, limit: int | None, wait: bool, poll_interval: float,
     return run
 
 
+_OVERWRITE_OPTION = typer.Option(
+    "--overwrite", help="Also regenerate results that already exist (made before this command started); "
+    "flows without results to overwrite refuse it.")
+
+
 def _set_overwrite(flow: str, overwrite_env: str | None, overwrite: bool) -> None:
     """`--overwrite`: set the flow's overwrite variable (and its cut-off, now) for this process."""
     if not overwrite:
@@ -172,13 +177,10 @@ def _set_overwrite(flow: str, overwrite_env: str | None, overwrite: bool) -> Non
 def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
     """The flow's verbs; `overwrite_env` names the variable `--overwrite` turns on (flows that have one)."""
     sub = typer.Typer(help=f"The {flow} flow: export, submit, status, ingest, run.", no_args_is_help=True)
-    overwrite_option = typer.Option(
-        "--overwrite", hidden=overwrite_env is None,
-        help="Regenerate existing results too (those made before this command started).")
 
     @sub.command("export")
     def export(limit: Annotated[int | None, typer.Option(help="At most N source records.")] = None,
-               overwrite: Annotated[bool, overwrite_option] = False) -> None:
+               overwrite: Annotated[bool, _OVERWRITE_OPTION] = False) -> None:
         """Prepare candidates and cut them into shards (request files are written on submit)."""
         from legal_batch.flows.runner import FlowRun, FlowRunner
 
@@ -225,7 +227,7 @@ def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
             wait: Annotated[bool, typer.Option(help="Poll until every job is ingested.")] = False,
             poll_interval: Annotated[float, typer.Option(help="Seconds between polls (production: ~60).")] = 60.0,
             timeout: Annotated[float | None, typer.Option(help="Give up waiting after S seconds.")] = None,
-            overwrite: Annotated[bool, overwrite_option] = False) -> None:
+            overwrite: Annotated[bool, _OVERWRITE_OPTION] = False) -> None:
         """Export and submit; with --wait, poll and ingest until done (retrying retryable items)."""
         _set_overwrite(flow, overwrite_env, overwrite)
         result = _flow_run(flow, limit=limit, wait=wait, poll_interval=poll_interval, timeout=timeout)
@@ -239,6 +241,7 @@ def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
 _OVERWRITE_ENV = {"headnotes": "LEGAL_BATCH_HEADNOTE_OVERWRITE"}
 for _flow in ("embeddings", "headnotes"):
     app.add_typer(_flow_app(_flow, overwrite_env=_OVERWRITE_ENV.get(_flow)), name=_flow)
+app.add_typer(__import__("legal_batch.flows.template.cli", fromlist=["app"]).app, name="template")
 
 
 # -- ledger and search --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from legal_batch.db import connect, embedded, upgrade
 from legal_batch.resources.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE_DB = "lb_test_template"
+TEMPLATE_DB = f"lb_test_template_{uuid.uuid4().hex[:8]}"  # per test session: sessions may run at once
 
 
 def _with_database(url: str, name: str) -> str:
@@ -38,14 +38,15 @@ def pg_admin_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def template_url(pg_admin_url: str) -> str:
+def template_url(pg_admin_url: str) -> Iterator[str]:
     """A database with every migration applied, cloned for each test (fast, and always current)."""
     with psycopg.connect(pg_admin_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
     url = _with_database(pg_admin_url, TEMPLATE_DB)
     upgrade(url)
-    return url
+    yield url
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import psycopg
 from legal_batch.core import ledger
 from legal_batch.core.cost import price
 from legal_batch.core.crash import crash_point
-from legal_batch.core.flow import Flow, Item
+from legal_batch.core.flow import Flow, Item, Permanent
 from legal_batch.core.jsonl import atomic_writer
 from legal_batch.core.ledger import JobRow, PlanResult, ShardLimits
 from legal_batch.providers.base import (
@@ -464,8 +464,11 @@ def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: 
             outcomes[item.id] = (state, f"{where}, {result.custom_id}: {result.error}")
             continue
         reason = sink.accept(item, result)
-        outcomes[item.id] = ("done", None) if reason is None else (
-            "retryable", f"{where}, {result.custom_id}: {reason}")
+        if reason is None:
+            outcomes[item.id] = ("done", None)
+        else:
+            state = "failed" if isinstance(reason, Permanent) else "retryable"
+            outcomes[item.id] = (state, f"{where}, {result.custom_id}: {reason}")
     report.rows_written = sink.finish()
     missing_reason = f"no result for this request in the output of job {job.provider_job_id} ({job.state})"
     if report.problems:

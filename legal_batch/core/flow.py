@@ -24,11 +24,17 @@ class Item:
     custom_id: str
 
 
+class Permanent(str):
+    """A rejection reason that asking again with the same request cannot fix: the item fails at once
+    (with the reason) instead of being retried."""
+
+
 class ResultSink(Protocol):
     """Receives a shard's valid results inside the ingest transaction."""
 
     def accept(self, item: Item, result: Result) -> str | None:
-        """Take the result, or return why it is unusable (the item then fails or is retried)."""
+        """Take the result, or return why it is unusable: the item is retried, or failed at once when
+        the reason is `Permanent`."""
         ...
 
     def finish(self) -> int:

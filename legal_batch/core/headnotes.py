@@ -6,8 +6,8 @@ Subjects are cases (`subject_key` = the case id, `custom_id` = `case-<uuid>`); r
 the custom id, never on a line number. Limits:
 
 - the judgment is cut at `max_chars` characters (default 150,000), and further if the request would
-  pass the provider's per-request input limit (`ProviderLimits.max_input_tokens`), always at a
-  paragraph boundary and with a visible marker;
+  pass `max_input_tokens` (when the caller gives a chat model's input limit), always at a paragraph
+  boundary and with a visible marker;
 - the planner's token estimate is exact (tiktoken) for the instructions, examples and case header,
   and 1 token per 4 characters for the judgment text (SQL cannot run tiktoken); the real figures
   come back in the provider's usage;
@@ -28,7 +28,7 @@ from functools import lru_cache
 import psycopg
 
 from legal_batch.core.cost import batch_discount, price
-from legal_batch.core.flow import Item
+from legal_batch.core.flow import Item, Permanent
 from legal_batch.core.tokens import EncodingName, count_tokens, encoding, encoding_for_model
 from legal_batch.providers.base import ChatRequest, Endpoint, Request, Result
 
@@ -67,10 +67,6 @@ class CaseText:
     court: str | None
     decision_date: date | None
     full_text: str
-
-
-def case_custom_id(case_id: str | uuid.UUID) -> str:
-    return f"case-{case_id}"
 
 
 def system_prompt(examples: Sequence[str]) -> str:
@@ -134,14 +130,14 @@ def _paragraph_cut(text: str, limit: int) -> int:
 def build_request(case: CaseText, *, system: str, max_chars: int, max_tokens: int, temperature: float,
                   max_input_tokens: int | None = None, encoding_name: EncodingName = "cl100k_base") -> ChatRequest:
     """One chat request: `system` (instructions + examples), the case header and its judgment,
-    truncated to `max_chars` and to what fits in `max_input_tokens` (the provider's per-request limit)."""
+    truncated to `max_chars` and to what fits in `max_input_tokens` (a chat model's input limit)."""
     header = case_header(case)
     room = None
     if max_input_tokens is not None:
         room = (max_input_tokens - _CHAT_FORMAT_TOKENS - _cached_tokens(system, encoding_name)
                 - count_tokens(header, encoding_name))
         if room <= 0:
-            raise ValueError(f"{case.custom_id}: instructions and examples alone exceed the provider's "
+            raise ValueError(f"{case.custom_id}: instructions and examples alone exceed the model's "
                              f"{max_input_tokens}-token input limit; lower LEGAL_BATCH_HEADNOTE_FEW_SHOT")
     judgment = truncate_judgment(case.full_text, max_chars=max_chars, max_tokens=room, encoding_name=encoding_name)
     return ChatRequest(case.custom_id, system, header + judgment, max_tokens=max_tokens, temperature=temperature)
@@ -185,8 +181,8 @@ class HeadnotesFlow:
                  overwrite_before: datetime | None = None, max_input_tokens: int | None = None) -> None:
         """`overwrite`: also regenerate cases that already have a headnote — those generated before
         `overwrite_before` (or by hand, with no generation time) — so one overwrite pass never
-        regenerates the headnotes it has just written. `max_input_tokens`: the provider's
-        per-request input limit; judgments are truncated to fit it."""
+        regenerates the headnotes it has just written. `max_input_tokens`: a chat model's input
+        limit, if judgments must be cut further than `max_chars` to fit it (tiktoken-exact)."""
         if overwrite and overwrite_before is None:
             raise ValueError("overwrite needs overwrite_before (the instant the overwrite was asked for)")
         self.model = model
@@ -214,7 +210,7 @@ class HeadnotesFlow:
         failed ledger item: `subject_key, custom_id, tokens, size_bytes`, in id order.
 
         Tokens: exact for the fixed prompt text, 1 per 4 characters for the examples and the
-        judgment (at most `max_chars`), capped at the provider's input limit the request is cut to."""
+        judgment (at most `max_chars`), capped at `max_input_tokens` when the request is cut to it."""
         fixed_tokens, fixed_bytes = self._fixed_overhead()
         max_input = self.max_input_tokens if self.max_input_tokens is not None else 2**31 - 1
         sql = (
@@ -294,8 +290,9 @@ def unusable_reason(result: Result, *, max_tokens: int) -> str | None:
     if result.finish_reason in _REFUSAL_FINISH:
         return f"the answer was withheld (finish_reason={result.finish_reason})"
     if result.finish_reason in _LENGTH_FINISH:
-        return (f"headnote cut off at max_tokens={max_tokens} (finish_reason={result.finish_reason}); "
-                "raise LEGAL_BATCH_HEADNOTE_MAX_TOKENS")
+        return Permanent(f"headnote cut off at max_tokens={max_tokens} (finish_reason={result.finish_reason}); "
+                         "the same request would be cut again: raise LEGAL_BATCH_HEADNOTE_MAX_TOKENS and "
+                         "re-queue these items")
     if not text:
         return f"empty headnote (finish_reason={result.finish_reason})"
     if len(text) < 300 and _REFUSAL_OPENING.match(text):

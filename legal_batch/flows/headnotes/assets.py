@@ -41,7 +41,10 @@ def make_flow(provider: BatchProvider, config: CandidatesConfig | None) -> Headn
         overwrite=settings.headnote_overwrite,
         overwrite_before=(settings.headnote_overwrite_before or PROCESS_STARTED) if settings.headnote_overwrite
         else None,
-        max_input_tokens=provider.limits.max_input_tokens,
+        # `ProviderLimits.max_input_tokens` is the embedding input limit (see `batch.plan`): headnote
+        # prompts are bounded by HEADNOTE_MAX_CHARS (150,000 characters ≈ 40K tokens), within every
+        # supported chat model's context.
+        max_input_tokens=None,
     )
 
 

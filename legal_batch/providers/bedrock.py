@@ -26,10 +26,12 @@ Embeddings (V2 with `dimensions` and `normalize`) and Anthropic Claude messages.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import re
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -152,6 +154,16 @@ def read_manifest(path: Path) -> Manifest:
                     count("errorRecordCount"), count("inputTokenCount"), count("outputTokenCount"))
 
 
+_SESSION_LOCK = threading.Lock()
+
+
+@functools.cache
+def _session() -> boto3.session.Session:
+    """One boto3 session per process, as `boto3.client` uses: service models are parsed once, and
+    region, endpoints and credentials are still read from the environment when first needed."""
+    return boto3.session.Session()
+
+
 def job_name_for(*, client_token: str, shard_key: str | None = None) -> str:
     """The job name: `<shard key>-<token part>` (63 characters at most, the service's pattern).
 
@@ -248,12 +260,17 @@ class BedrockProvider:
             raise ProviderError("LEGAL_BATCH_BEDROCK_ROLE_ARN is not set: the bedrock provider needs the IAM "
                                 "service role Bedrock assumes to read the requests and write the outputs")
         config = Config(retries={"mode": "standard", "max_attempts": max_retries})
-        session = boto3.session.Session()
         try:
-            clients = {name: session.client(name, config=config) for name in ("s3", "bedrock", "bedrock-runtime")}
+            with _SESSION_LOCK:  # boto3 sessions are not thread-safe; the clients they make are
+                session = _session()
+                # botocore reads AWS_DEFAULT_REGION and profiles; AWS_REGION (what the other AWS SDKs
+                # read) is the fallback, so either variable works.
+                region = session.region_name or os.environ.get("AWS_REGION") or None
+                clients = {name: session.client(name, region_name=region, config=config)
+                           for name in ("s3", "bedrock", "bedrock-runtime")}
         except NoRegionError:
-            raise ProviderError("no AWS region configured: set AWS_REGION (or a region in your AWS profile) "
-                                "for the bedrock provider") from None
+            raise ProviderError("no AWS region configured: set AWS_REGION (or AWS_DEFAULT_REGION, or a region in "
+                                "your AWS profile) for the bedrock provider") from None
         return cls(s3=clients["s3"], bedrock=clients["bedrock"], runtime=clients["bedrock-runtime"],
                    bucket=settings.s3_bucket, role_arn=settings.bedrock_role_arn, prefix=settings.s3_prefix,
                    dimensions=settings.embedding_dimensions, **options)

@@ -34,7 +34,6 @@ from openai.types import Batch
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from legal_batch.core.jsonl import atomic_writer
-from legal_batch.core.tokens import count_tokens
 from legal_batch.providers import openai_format
 from legal_batch.providers.base import (
     ChatRequest,
@@ -113,7 +112,8 @@ class OpenAIStyleProvider:
         `concurrency`: real-time calls in flight. `realtime_attempts` / `create_attempts`: tries per
         real-time call / per batch creation. `create_timeout`: seconds before a create is treated as
         "outcome unknown" (then reconciled by token). `embedding_inputs_per_call` (≤ 2048) and
-        `embedding_tokens_per_call` (≤ 300,000): how many real-time embedding inputs share one call.
+        `embedding_tokens_per_call` (≤ 300,000; a text counts as its UTF-8 bytes, an upper bound of its
+        tokens): how many real-time embedding inputs share one call.
         `find_lookback_days` / `find_max_batches`: how far back `find_job` lists batches (older ones
         have lost their output files anyway)."""
         if not 1 <= embedding_inputs_per_call <= 2048:
@@ -218,7 +218,8 @@ class OpenAIStyleProvider:
             unknown: Exception = exc
         except openai.APIConnectionError as exc:
             unknown = exc
-        found = self._find_batch(client_token)  # the last attempt may have created it after all
+        with self._api(f"looking for token {client_token} after {doing} failed"):
+            found = self._find_batch(client_token)  # the last attempt may have created it after all
         if found is not None:
             return found
         raise ProviderError(
@@ -298,8 +299,8 @@ class OpenAIStyleProvider:
                 f"{e.code or 'error'}{f' (line {e.line})' if e.line is not None else ''}: {e.message}"
                 for e in errors[:5])
             more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
-            what = ("was refused for the enqueued-token quota; the shard is requeued after a back-off" if quota
-                    else f"failed (input file {batch.input_file_id})")
+            what = ("was refused for the enqueued-token quota, not for its requests; submit the shard again once "
+                    "running batches have finished" if quota else f"failed (input file {batch.input_file_id})")
             return self._redact(f"{self.service} batch {batch.id} {what}: {listed or 'no reason given'}{more}")
         if state == "expired" and counts:
             return (f"{self.service} batch {batch.id} expired after 24 h with {counts.completed} of {counts.total} "
@@ -381,7 +382,7 @@ class OpenAIStyleProvider:
             if endpoint != "embeddings" or not isinstance(request, EmbeddingRequest):
                 yield [(number, request)]
                 continue
-            size = count_tokens(request.text)
+            size = len(request.text.encode("utf-8"))  # ≥ its token count: a token is at least one byte
             if group and (len(group) >= self.embedding_inputs_per_call or tokens + size > self.embedding_tokens_per_call):
                 yield group
                 group, tokens = [], 0

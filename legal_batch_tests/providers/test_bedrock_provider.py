@@ -74,6 +74,12 @@ def provider(bucket: str) -> BedrockProvider:
     return make_provider(bucket)
 
 
+@pytest.fixture
+def offline() -> BedrockProvider:
+    """For formats and parsing only: no clients, nothing on the wire."""
+    return BedrockProvider(s3=None, bedrock=None, runtime=None, bucket="my-bucket", role_arn=ROLE)
+
+
 def text_of(i: int) -> str:
     return f"Chunk {i}: the appeal is dismissed and the costs follow the event."
 
@@ -116,7 +122,9 @@ def test_from_settings_names_the_missing_variable() -> None:
         BedrockProvider.from_settings(Settings(_env_file=None, s3_bucket="my-bucket"))  # type: ignore[call-arg]
 
 
-def test_from_settings_validates_bucket_role_and_prefix(emulator: BedrockBatchEmulator) -> None:
+def test_from_settings_validates_bucket_role_and_prefix(
+    emulator: BedrockBatchEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for overrides, variable in (({"s3_bucket": "Bad_Bucket"}, "LEGAL_BATCH_S3_BUCKET"),
                                 ({"bedrock_role_arn": "role/x"}, "LEGAL_BATCH_BEDROCK_ROLE_ARN"),
                                 ({"s3_prefix": "a/../b"}, "LEGAL_BATCH_S3_PREFIX"),
@@ -124,17 +132,28 @@ def test_from_settings_validates_bucket_role_and_prefix(emulator: BedrockBatchEm
         values = {"s3_bucket": "my-bucket", "bedrock_role_arn": ROLE, **overrides}
         with pytest.raises(ProviderError, match=variable):
             BedrockProvider.from_settings(Settings(_env_file=None, **values))  # type: ignore[arg-type]
+    monkeypatch.delenv("AWS_DEFAULT_REGION")  # AWS_REGION alone is enough
     provider = BedrockProvider.from_settings(
         Settings(_env_file=None, s3_bucket="my-bucket", bedrock_role_arn=ROLE))  # type: ignore[call-arg]
+    assert provider.bedrock.meta.region_name == provider.runtime.meta.region_name == "us-east-1"
+    assert provider.bedrock.meta.endpoint_url == emulator.bedrock_endpoint_url
+    assert provider.runtime.meta.endpoint_url == emulator.bedrock_endpoint_url
+    assert provider.s3.meta.endpoint_url == emulator.s3_endpoint_url
     limits = provider.limits
     assert (limits.max_records_per_job, limits.min_records_per_job, limits.max_bytes_per_file,
             limits.max_concurrent_jobs, limits.max_input_tokens) == (45_000, 100, 1024**3, 20, 8192)
     assert provider.request_key("embeddings-00007-ab") == "legal-batch/requests/embeddings-00007-ab.jsonl"
     with pytest.raises(ProviderError, match="shard key"):
         provider.request_key("../../etc")
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(Path(__file__).with_name("no-such-aws-config")))
+    with pytest.raises(ProviderError, match="AWS_REGION"):
+        BedrockProvider.from_settings(
+            Settings(_env_file=None, s3_bucket="my-bucket", bedrock_role_arn=ROLE))  # type: ignore[call-arg]
 
 
-def test_format_line_titan_and_claude_bytes(provider: BedrockProvider) -> None:
+def test_format_line_titan_and_claude_bytes(offline: BedrockProvider) -> None:
+    provider = offline
     line = provider.format_line(EmbeddingRequest("chunk-1", "The court held."), endpoint="embeddings", model=TITAN)
     assert line == (b'{"recordId":"chunk-1","modelInput":{"inputText":"The court held.","dimensions":1024,'
                     b'"normalize":true}}\n')
@@ -275,7 +294,8 @@ def test_claude_results_text_finish_reason_and_usage(
     assert results["hn-0000"].finish_reason == "length"
 
 
-def test_malformed_and_odd_output_lines(provider: BedrockProvider, tmp_path: Path) -> None:
+def test_malformed_and_odd_output_lines(offline: BedrockProvider, tmp_path: Path) -> None:
+    provider = offline
     out = tmp_path / "part.jsonl.out"
     lines = [
         b'{"recordId":"a","modelInput":{},"modelOutput":{"embedding":[0.5,0.5],"inputTextTokenCount":4}}',
@@ -454,7 +474,7 @@ def test_embeddings_flow_end_to_end_on_bedrock(
         (tmp_path / "dagster").mkdir()
         settings = get_settings(fresh=True)
         with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
-            seed_demo_cases(conn, cases=8)
+            seed_demo_cases(conn, cases=10)  # 10 demo cases chunk into well over 100 records
 
         run = FlowRunner(FLOWS_BY_NAME["embeddings"], defs, flow="embeddings", echo=lambda s: None).run(
             wait=True, poll_interval=0.05)

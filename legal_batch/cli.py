@@ -123,6 +123,20 @@ def demo_run(cases: Annotated[int, typer.Option(help="Number of demo judgments."
     _flow_run("headnotes", limit=None, wait=True, poll_interval=poll_interval, timeout=None)
     jobs(flow="headnotes")
     _show_headnote()
+    _demo_template(poll_interval=poll_interval)
+
+
+def _demo_template(*, poll_interval: float) -> None:
+    """The template flow on its bundled example (train/val/test CSVs), in batch mode on the local provider."""
+    from legal_batch.flows.template import cli as template_cli
+
+    example = template_cli.EXAMPLE_DIR
+    output = get_settings().home_dir / "template_demo_output"
+    console.print(f"[bold]template flow[/bold] — example {example} → {output}")
+    template_cli.run(input_path=example / "data", templates=example / "templates", schema=example / "schema.json",
+                     output=output, mode="batch", provider="local", wait=True, poll_interval=poll_interval,
+                     timeout=None, prefix="llm_", batch_threshold=None, max_field_chars=None, name="demo",
+                     fresh=False)
 
 
 def _show_headnote() -> None:

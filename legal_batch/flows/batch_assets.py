@@ -230,7 +230,8 @@ def build_flow_definitions(
                 state = f"{unplanned}:{unprepared}:{ledger.summary(conn, names.flow).items_by_state}"
                 requests.append(dg.RunRequest(job_name=candidates_job.name,
                                               run_key=f"plan:{hashlib.sha256(state.encode()).hexdigest()[:16]}"))
-            for job in ledger.list_jobs(conn, flow=names.flow, states=("planned", "exported")):
+            # `submitting` too: a submit that died before the provider answered (reconciled by token first)
+            for job in ledger.list_jobs(conn, flow=names.flow, states=("planned", "exported", "submitting")):
                 if job.next_submit_at is None or job.next_submit_at <= datetime.now(UTC):
                     requests.append(dg.RunRequest(job_name=submit_job.name, partition_key=job.shard_key,
                                                   run_key=f"submit:{job.shard_key}:{job.submit_attempts}:"

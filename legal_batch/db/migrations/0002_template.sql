@@ -13,7 +13,8 @@ CREATE TABLE IF NOT EXISTS template_runs (
     schema_path       text NOT NULL,
     output_path       text NOT NULL,
     prompt_template   jsonb NOT NULL,         -- system_prompt, user_prompt_template, input_placeholders
-    schema_json       jsonb NOT NULL,
+    system_prompt     text NOT NULL,          -- as sent (with the schema appended where the provider needs it)
+    schema_json       json NOT NULL,          -- json, not jsonb: property order is the column order
     prefix            text NOT NULL DEFAULT 'llm_',
     mode              text NOT NULL,          -- what was asked for
     execution         text,                   -- what was decided: batch or realtime

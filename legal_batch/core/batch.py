@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -441,41 +443,49 @@ def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: 
     }
     outcomes: dict[int, tuple[str, str | None]] = {}
     sink = flow.sink(conn, model=job.model)
+    closer = _DoneItems(conn, job.id)
     count = 0
-    for result in results:
-        count += 1
-        if on_progress is not None and count % 1000 == 0:
-            on_progress(count)
-        report.input_tokens += result.input_tokens
-        report.output_tokens += result.output_tokens
-        where = f"{result.where} of job {job.provider_job_id}"
-        if result.custom_id is None:
-            report.problems.append(f"{where}: {result.error}")
-            continue
-        item = items.get(result.custom_id)
-        if item is None:
-            report.problems.append(f"{where}: unknown custom id {result.custom_id!r} (not a request of this shard)")
-            continue
-        if item.id in outcomes and outcomes[item.id][0] == "done":
-            report.problems.append(f"{where}: duplicate result for {result.custom_id!r}; the first was kept")
-            continue
-        if result.error is not None:
-            state = "retryable" if result.retryable else "failed"
-            outcomes[item.id] = (state, f"{where}, {result.custom_id}: {result.error}")
-            continue
-        reason = sink.accept(item, result)
-        if reason is None:
-            outcomes[item.id] = ("done", None)
-        else:
-            state = "failed" if isinstance(reason, Permanent) else "retryable"
-            outcomes[item.id] = (state, f"{where}, {result.custom_id}: {reason}")
-    report.rows_written = sink.finish()
+    try:
+        for result in results:
+            count += 1
+            if on_progress is not None and count % 1000 == 0:
+                on_progress(count)
+            report.input_tokens += result.input_tokens
+            report.output_tokens += result.output_tokens
+            if result.custom_id is None:
+                report.problems.append(f"{_where(result, job)}: {result.error or 'the line has no custom id'}")
+                continue
+            item = items.get(result.custom_id)
+            if item is None:
+                report.problems.append(f"{_where(result, job)}: unknown custom id {result.custom_id!r} (not a request "
+                                       "of this shard)")
+                continue
+            if item.id in outcomes and outcomes[item.id][0] == "done":
+                report.problems.append(f"{_where(result, job)}: duplicate result for {result.custom_id!r}; the first "
+                                       "was kept")
+                continue
+            if result.error is not None:
+                state = "retryable" if result.retryable else "failed"
+                outcomes[item.id] = (state, f"{_where(result, job)}, {result.custom_id}: {result.error}")
+                continue
+            reason = sink.accept(item, result)
+            if reason is None:
+                outcomes[item.id] = _DONE
+                closer.add(item.id)
+            else:
+                state = "failed" if isinstance(reason, Permanent) else "retryable"
+                outcomes[item.id] = (state, f"{_where(result, job)}, {result.custom_id}: {reason}")
+        report.rows_written = sink.finish()
+    except BaseException:
+        closer.stop()
+        raise
+    closed = closer.finish()
     missing_reason = f"no result for this request in the output of job {job.provider_job_id} ({job.state})"
     if report.problems:
         missing_reason += f"; {len(report.problems)} output lines were unusable, e.g. {report.problems[0]}"
     for item in items.values():
         outcomes.setdefault(item.id, ("retryable", missing_reason))
-    _apply_outcomes(conn, job.id, outcomes, max_attempts=max_attempts)
+    _apply_outcomes(conn, job.id, {i: o for i, o in outcomes.items() if i not in closed}, max_attempts=max_attempts)
     crash_point("mid_ingest")
     counts = dict(conn.execute(
         "SELECT state, count(*) FROM batch_items WHERE job_id = %s GROUP BY state", (job.id,)).fetchall())
@@ -492,6 +502,68 @@ def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: 
         last_error=("; ".join(report.problems[:5]))[:2000] if report.problems else job.last_error,
     )
     return report
+
+
+_DONE: tuple[str, str | None] = ("done", None)
+
+
+def _where(result: Result, job: JobRow) -> str:
+    return f"{result.where} of job {job.provider_job_id}"
+
+
+class _DoneItems:
+    """Closes accepted items (`done`) in batches from a helper thread while results are still being
+    read — same connection, same transaction (statements take turns on the connection) — so this
+    part of the ledger update overlaps parsing instead of following it. `done` is final within an
+    ingest (a later line for the item is a duplicate), so closing early gives the rows that closing
+    at the end would: state `done`, no error, `updated_at` = now()."""
+
+    _BATCH = 5_000
+
+    def __init__(self, conn: psycopg.Connection, job_id: int) -> None:
+        self.conn = conn
+        self.job_id = job_id
+        self._closed: set[int] = set()
+        self._pending: list[int] = []
+        self._queue: queue.Queue[list[int] | None] = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ledger-done-items", daemon=True)
+        self._thread.start()
+
+    def add(self, item_id: int) -> None:
+        self._pending.append(item_id)
+        if len(self._pending) >= self._BATCH:
+            if self._error is not None:
+                raise self._error
+            self._closed.update(self._pending)
+            self._queue.put(self._pending)
+            self._pending = []
+
+    def _run(self) -> None:
+        try:
+            while (ids := self._queue.get()) is not None:
+                self.conn.execute(
+                    "UPDATE batch_items SET state = 'done', last_error = NULL, updated_at = now()"
+                    " WHERE id = ANY(%s) AND job_id = %s AND state = 'submitted'",
+                    (ids, self.job_id),
+                )
+        except BaseException as exc:  # surfaced to the caller in add() or finish()
+            self._error = exc
+            while self._queue.get() is not None:
+                pass
+
+    def stop(self) -> None:
+        """End the helper without raising (the caller is already failing)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def finish(self) -> set[int]:
+        """Wait for the helper; return the items it closed (the remaining `done` ones are not)."""
+        self.stop()
+        if self._error is not None:
+            raise self._error
+        return self._closed
 
 
 def _apply_outcomes(conn: psycopg.Connection, job_id: int, outcomes: dict[int, tuple[str, str | None]], *,

@@ -11,11 +11,15 @@ from typing import BinaryIO
 import orjson
 
 _BOM = b"\xef\xbb\xbf"
+_READ_BUFFER = 1 << 20
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line without newline) for every non-blank line; a BOM is dropped."""
-    with path.open("rb") as handle:
+    """(1-based line number, raw line without newline) for every non-blank line; a BOM is dropped.
+
+    Reads through a 1 MiB buffer: output lines are ~22 KB, and the default 8 KiB buffer costs several
+    reads (each one a chance for another thread to take the GIL) per line."""
+    with path.open("rb", buffering=_READ_BUFFER) as handle:
         for number, line in enumerate(handle, start=1):
             if number == 1 and line.startswith(_BOM):
                 line = line[len(_BOM) :]

@@ -276,6 +276,14 @@ def get_job(conn: psycopg.Connection, shard_key: str, *, for_update: bool = Fals
     return row
 
 
+def lock_job(conn: psycopg.Connection, job_id: int, *, states: Iterable[str]) -> JobRow | None:
+    """The job, row-locked for the caller's transaction, if it is in one of `states` and no other
+    transaction holds it (`FOR UPDATE SKIP LOCKED`); None otherwise."""
+    sql = f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE id = %s AND state = ANY(%s) FOR UPDATE SKIP LOCKED"
+    with conn.cursor(row_factory=class_row(JobRow)) as cur:
+        return cur.execute(sql, (job_id, list(states))).fetchone()
+
+
 def list_jobs(conn: psycopg.Connection, *, flow: str | None = None, states: Iterable[str] | None = None,
               limit: int | None = None) -> list[JobRow]:
     sql = f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE (%(flow)s::text IS NULL OR flow = %(flow)s)"

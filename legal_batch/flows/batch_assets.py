@@ -19,6 +19,7 @@ import psycopg
 
 from legal_batch.core import batch, ledger
 from legal_batch.core.flow import Flow
+from legal_batch.core.verify import VerifyReport, verify
 from legal_batch.providers.base import BatchProvider, ProviderError, UnsupportedRequest
 from legal_batch.resources import DatabaseResource, FileStoreResource, ProvidersResource, get_settings
 
@@ -67,10 +68,13 @@ def build_flow_definitions(
     result_checks: ResultChecks | None = None,
     descriptions: dict[str, str],
     candidates_name: str | None = None,
+    done_without_result_sql: str | None = None,
 ) -> FlowDefinitions:
     """Assets, jobs and sensors of one batch flow (see the module docstring).
 
-    `candidates_name` names the first asset when `<prefix>_candidates` does not fit (e.g. `template_inputs`)."""
+    `candidates_name` names the first asset when `<prefix>_candidates` does not fit (e.g. `template_inputs`).
+    `done_without_result_sql` (the flow's `DONE_WITHOUT_RESULT_SQL`) lets the `ledger_consistent` check
+    also find done items whose result row is missing."""
     partitions = dg.DynamicPartitionsDefinition(name=f"{names.prefix}_shards")
     candidates_key = candidates_name or f"{names.prefix}_candidates"
     files_key = f"{names.prefix}_request_files"
@@ -78,7 +82,13 @@ def build_flow_definitions(
     outputs_key = f"{names.prefix}_batch_outputs"
     pool = f"{names.flow}_provider"
 
-    @dg.asset(name=candidates_key, group_name=names.group, description=descriptions["candidates"])
+    ledger_check = dg.AssetCheckSpec(
+        "ledger_consistent", asset=candidates_key,
+        description=f"`legal-batch verify --flow {names.flow}` after planning: every item in exactly one state, "
+                    "open items only in open jobs, done items with their result row, counts that add up.")
+
+    @dg.asset(name=candidates_key, group_name=names.group, description=descriptions["candidates"],
+              check_specs=[ledger_check])
     def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, database: DatabaseResource,
                    providers: ProvidersResource) -> dg.MaterializeResult:
         provider = providers.for_flow(names.flow)
@@ -89,6 +99,7 @@ def build_flow_definitions(
             result = batch.plan(conn, flow, provider, model=model, cap_records=get_settings().shard_max_records,
                                 max_shards=config.max_shards)
             totals = ledger.summary(conn, names.flow)
+            consistent = _ledger_check(verify(conn, {names.flow: done_without_result_sql}), names.flow)
         if result.shard_keys:
             context.instance.add_dynamic_partitions(partitions.name, result.shard_keys)
         message = (f"{result.planned_items} new requests in {len(result.shard_keys)} shards"
@@ -103,7 +114,7 @@ def build_flow_definitions(
             "items_by_state": dg.MetadataValue.json(totals.items_by_state),
             "provider": provider.name,
             "summary": message,
-        })
+        }, check_results=[consistent])
 
     @dg.asset(name=files_key, group_name=names.group, partitions_def=partitions, deps=[candidates],
               description=descriptions["request_files"])
@@ -280,6 +291,17 @@ def _clear_failures() -> Iterator[None]:
         if exc.retryable:
             raise
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
+
+
+def _ledger_check(report: VerifyReport, flow: str) -> dg.AssetCheckResult:
+    details = "\n".join(f"- **{v.rule}**: {v.count} (e.g. {', '.join(v.examples)}); what to do: {v.repair}"
+                        for v in report.violations)
+    return dg.AssetCheckResult(
+        check_name="ledger_consistent", passed=report.ok,
+        metadata={"items_checked": report.checked_items.get(flow, 0), "jobs_checked": report.checked_jobs.get(flow, 0),
+                  "violations": sum(v.count for v in report.violations),
+                  "details": dg.MetadataValue.md(details or "every item is in exactly one state")},
+    )
 
 
 def _accounted_check(conn: psycopg.Connection, job: ledger.JobRow) -> dg.AssetCheckResult:

@@ -68,8 +68,17 @@ class FlowRunner:
                  tags: dict | None = None) -> dg.ExecuteInProcessResult:
         job = self.defs.resolve_job_def(job_name)
         config = {**QUIET, **(run_config or {})}
+        if partition_key is not None:
+            self._register(partition_key)
         return job.execute_in_process(instance=self.instance, partition_key=partition_key, run_config=config,
                                       raise_on_error=False, tags=tags)
+
+    def _register(self, partition_key: str) -> None:
+        """A shard planned by another process (a second run, another Dagster home) may not be a
+        partition of this instance yet: add it before running it."""
+        name = self.flow_defs.partitions.name
+        if not self.instance.has_dynamic_partition(name, partition_key):
+            self.instance.add_dynamic_partitions(name, [partition_key])
 
     def _database(self) -> DatabaseResource:
         return self.defs.resources["database"]  # type: ignore[return-value]
@@ -90,7 +99,10 @@ class FlowRunner:
 
     def submit_pending(self, run: FlowRun) -> None:
         with self._database().connect() as conn:
-            shards = [j.shard_key for j in ledger.list_jobs(conn, flow=self.flow, states=("planned", "exported"))]
+            # `submitting`: a submit that died before the provider answered; submitting again reconciles
+            # by client token first, and a live submitter holds the shard's lock (the run then skips it)
+            shards = [j.shard_key for j in ledger.list_jobs(conn, flow=self.flow,
+                                                            states=("planned", "exported", "submitting"))]
         for shard in shards:
             result = self._execute(self.flow_defs.submit_job.name, partition_key=shard)
             if result.success:

@@ -72,6 +72,7 @@ from legal_batch.providers.base import (
     SubmittedJob,
     UnsupportedRequest,
 )
+from legal_batch.providers.openai_format import first_non_number
 from legal_batch.resources.settings import Settings
 
 log = logging.getLogger("legal_batch")
@@ -590,6 +591,8 @@ def _parse_output(output: dict, *, endpoint: Endpoint, custom_id: str | None, so
             embedding = (output.get("embeddingsByType") or {}).get("float")
         if not isinstance(embedding, list) or not embedding:
             return Result(custom_id, source, line_no, error="modelOutput has no embedding", retryable=True)
+        if (bad := first_non_number(embedding)) is not None:
+            return Result(custom_id, source, line_no, error=f"embedding is not a list of numbers: {bad}")
         try:
             vector = np.asarray(embedding, dtype=np.float32)
         except (TypeError, ValueError) as exc:

@@ -137,12 +137,15 @@ class LocalProvider:
             self._save(job)
 
     def download(self, provider_job_id: str, status: JobStatus, dest: Path) -> list[Path]:
+        """Copy the job's output and error files to `dest`, each replaced atomically (an ingest
+        reading the previous copy keeps reading a whole file)."""
         folder = self._dir(provider_job_id)
         dest.mkdir(parents=True, exist_ok=True)
         files = []
         for name in ("output.jsonl", "errors.jsonl"):
             if (folder / name).exists():
-                shutil.copyfile(folder / name, dest / name)
+                with (folder / name).open("rb") as source, atomic_writer(dest / name) as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
                 files.append(dest / name)
         return files
 

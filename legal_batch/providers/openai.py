@@ -460,13 +460,34 @@ class OpenAIStyleProvider:
         try:
             yield
         except openai.APIStatusError as exc:
+            self._scrub(exc)
             raise self._status_error(exc, doing) from exc
         except openai.APIConnectionError as exc:
+            self._scrub(exc)
             raise ProviderError(f"{self.service} could not be reached while {doing}: {exc}; retry later",
                                 retryable=True) from exc
         except httpx2.HTTPError as exc:
+            self._scrub(exc)
             raise ProviderError(f"{self.service}: the connection broke while {doing}: {self._redact(str(exc))}; "
                                 "retry later", retryable=True) from exc
+
+    def _scrub(self, exc: BaseException) -> None:
+        """Redact the key from the SDK's own exception too: it stays chained as the cause, and Dagster's
+        event log, tracebacks and the console print causes."""
+        exc.args = tuple(self._redact(a) if isinstance(a, str) else a for a in exc.args)
+        if isinstance(getattr(exc, "message", None), str):
+            exc.message = self._redact(exc.message)  # type: ignore[attr-defined]
+        if hasattr(exc, "body"):
+            exc.body = self._redact_value(exc.body)  # type: ignore[attr-defined]
+
+    def _redact_value(self, value: object) -> object:
+        if isinstance(value, str):
+            return self._redact(value)
+        if isinstance(value, dict):
+            return {k: self._redact_value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._redact_value(v) for v in value]
+        return value
 
     def _status_error(self, exc: openai.APIStatusError, doing: str) -> ProviderError:
         detail = self._describe(exc)

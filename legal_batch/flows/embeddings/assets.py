@@ -9,7 +9,7 @@ from __future__ import annotations
 import dagster as dg
 import psycopg
 
-from legal_batch.core.embeddings import EmbeddingsFlow, sync_chunks
+from legal_batch.core.embeddings import DONE_WITHOUT_RESULT_SQL, EmbeddingsFlow, sync_chunks
 from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
 from legal_batch.flows.embeddings.checks import vector_checks, vector_spec
 from legal_batch.providers.base import BatchProvider
@@ -51,6 +51,7 @@ DEFS = build_flow_definitions(
     has_unprepared=has_unchunked_cases,
     result_check_specs=[vector_spec],
     result_checks=vector_checks,
+    done_without_result_sql=DONE_WITHOUT_RESULT_SQL,
     descriptions={
         "candidates": "Chunks of court judgments that need an embedding. Grain: one chunk (case_id, chunk_index). "
                       "Chunks new cases into case_chunks (paragraph-aware, token budget, overlap), then cuts the "

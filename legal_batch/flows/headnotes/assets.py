@@ -16,7 +16,7 @@ import dagster as dg
 import psycopg
 
 from legal_batch.core import ledger
-from legal_batch.core.headnotes import HeadnotesFlow
+from legal_batch.core.headnotes import DONE_WITHOUT_RESULT_SQL, HeadnotesFlow
 from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
 from legal_batch.flows.headnotes.checks import HEADNOTE_CHECK_SPECS, headnote_checks
 from legal_batch.providers.base import BatchProvider
@@ -89,6 +89,7 @@ DEFS = build_flow_definitions(
     prepare=estimate_candidates,
     result_check_specs=HEADNOTE_CHECK_SPECS,
     result_checks=check_headnotes,
+    done_without_result_sql=DONE_WITHOUT_RESULT_SQL,
     descriptions={
         "candidates": "Court judgments that need a headnote. Grain: one case (subject key = case id, custom id "
                       "case-<uuid>). Cases with non-empty full_text and no headnote (with "

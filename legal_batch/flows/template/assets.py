@@ -120,6 +120,7 @@ DEFS = build_flow_definitions(
     result_check_specs=[responses_spec],
     result_checks=responses_check,
     candidates_name="template_inputs",
+    done_without_result_sql=DONE_WITHOUT_RESULT_SQL,
     descriptions={
         "candidates": "Rows of the template flow's input files, staged with their rendered prompts. Grain: one "
                       "row (run_id, file_key, row_no) in template_rows. Stages the run configured in "

@@ -122,11 +122,15 @@ def _tail_start(text: str, start: int, end: int, overlap_tokens: int) -> int:
     if overlap_tokens <= 0:
         return end
     piece = text[start:end]
-    tokens = encoding("cl100k_base").encode_ordinary(piece)
+    enc = encoding("cl100k_base")
+    tokens = enc.encode_ordinary(piece)
     if len(tokens) <= overlap_tokens:
         return start
-    offsets = _token_char_offsets(piece, tokens)
-    tail = start + offsets[len(tokens) - overlap_tokens]
+    # bytes of the last `overlap_tokens` tokens → where they start in characters (cheaper than
+    # decoding offsets for the whole piece)
+    tail_bytes = sum(len(enc.decode_single_token_bytes(t)) for t in tokens[-overlap_tokens:])
+    raw = piece.encode("utf-8")
+    tail = start + len(raw[: len(raw) - tail_bytes].decode("utf-8", errors="ignore"))
     sentence = _SENTENCE_START.search(text, tail, end)
     return sentence.start(1) if sentence else tail
 

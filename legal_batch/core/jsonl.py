@@ -28,8 +28,19 @@ def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
                 yield number, stripped
 
 
-def loads(line: bytes) -> object:
-    return orjson.loads(line)
+def iter_objects(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line number, object, None) for each line holding a JSON object, or (line number, None, why)
+    for a line that does not — so a caller reports the line instead of stopping at it."""
+    for number, raw in iter_lines(path):
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            yield number, None, f"line is not valid JSON ({exc})"
+            continue
+        if isinstance(obj, dict):
+            yield number, obj, None
+        else:
+            yield number, None, "line is not a JSON object"
 
 
 def dumps_line(obj: object) -> bytes:

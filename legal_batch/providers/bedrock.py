@@ -57,7 +57,7 @@ from botocore.exceptions import (
 )
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from legal_batch.core.jsonl import dumps_line, iter_lines
+from legal_batch.core.jsonl import dumps_line, iter_objects
 from legal_batch.providers.base import (
     ChatRequest,
     EmbeddingRequest,
@@ -476,16 +476,11 @@ class BedrockProvider:
             if not path.name.endswith(OUTPUT_SUFFIX):
                 continue
             source = path.name
-            for line_no, raw in iter_lines(path):
-                try:
-                    obj = orjson.loads(raw)
-                except orjson.JSONDecodeError as exc:
-                    yield Result(None, source, line_no, error=f"line is not valid JSON ({exc})", retryable=True)
-                    continue
-                if not isinstance(obj, dict):
-                    yield Result(None, source, line_no, error="line is not a JSON object", retryable=True)
-                    continue
-                yield _result_of(obj, endpoint=endpoint, source=source, line_no=line_no)
+            for line_no, obj, problem in iter_objects(path):
+                if obj is None:
+                    yield Result(None, source, line_no, error=problem, retryable=True)
+                else:
+                    yield _result_of(obj, endpoint=endpoint, source=source, line_no=line_no)
 
     def cancel(self, provider_job_id: str) -> None:
         """Stop the job (its finished records stay in the output); a job already finished is left alone."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from legal_batch.core.jsonl import dumps_line, iter_lines
+from legal_batch.core.jsonl import dumps_line, iter_objects
 from legal_batch.providers.base import ChatRequest, EmbeddingRequest, Endpoint, Request, Result
 
 _RETRYABLE_CODES = frozenset({"batch_expired", "server_error", "rate_limit_exceeded", "timeout", "batch_cancelled"})
@@ -115,16 +115,11 @@ def iter_results(files: Sequence[Path], *, endpoint: Endpoint) -> Iterator[Resul
     """Results from OpenAI-format output and error files, streamed line by line."""
     for path in files:
         source = path.name
-        for line_no, raw in iter_lines(path):
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                yield Result(None, source, line_no, error=f"line is not valid JSON ({exc})", retryable=True)
-                continue
-            if not isinstance(obj, dict):
-                yield Result(None, source, line_no, error="line is not a JSON object", retryable=True)
-                continue
-            yield _result_of(obj, endpoint=endpoint, source=source, line_no=line_no)
+        for line_no, obj, problem in iter_objects(path):
+            if obj is None:
+                yield Result(None, source, line_no, error=problem, retryable=True)
+            else:
+                yield _result_of(obj, endpoint=endpoint, source=source, line_no=line_no)
 
 
 def _result_of(obj: dict, *, endpoint: Endpoint, source: str, line_no: int) -> Result:

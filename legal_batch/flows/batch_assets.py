@@ -66,6 +66,7 @@ def build_flow_definitions(
     has_unprepared: Callable[[psycopg.Connection], bool] | None = None,
     result_check_specs: Sequence[dg.AssetCheckSpec] = (),
     result_checks: ResultChecks | None = None,
+    after_ingest: Callable[[psycopg.Connection], dict] | None = None,
     descriptions: dict[str, str],
     candidates_name: str | None = None,
     done_without_result_sql: str | None = None,
@@ -194,6 +195,7 @@ def build_flow_definitions(
                                         max_attempts=get_settings().max_attempts,
                                         on_progress=lambda n: context.log.info(f"{shard_key}: {n} result lines read"))
             job = ledger.get_job(conn, shard_key)
+            after = after_ingest(conn) if after_ingest is not None else {}
             checks = [_accounted_check(conn, job)]
             if result_checks is not None:
                 checks += result_checks(conn, job)
@@ -212,6 +214,7 @@ def build_flow_definitions(
                 "actual_cost_usd": float(job.actual_cost_usd or 0),
                 "unusable_output_lines": len(report.problems),
                 "summary": report.summary(),
+                **after,
             },
             check_results=checks,
         )

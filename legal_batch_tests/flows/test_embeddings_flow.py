@@ -44,6 +44,8 @@ def test_run_embeds_every_chunk_and_a_second_run_submits_nothing(lb_env, conn, d
     assert [j.state for j in jobs] == ["ingested"] and jobs[0].provider_job_id.startswith("local-")
     assert first.submitted == [jobs[0].shard_key] and first.ingested == [jobs[0].shard_key]
     assert count(conn, "SELECT count(*) FROM case_embeddings WHERE vector_dims(embedding) <> 1024") == 0
+    index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'case_embeddings_hnsw'").fetchone()
+    assert index and "hnsw" in index[0] and "vector_cosine_ops" in index[0], "built once the load finished"
 
     second = runner(dagster_instance).run(wait=True, poll_interval=0)
     assert second.submitted == [] and second.planned_shards == []

@@ -42,8 +42,8 @@ CREATE TABLE IF NOT EXISTS case_embeddings (
     PRIMARY KEY (case_id, chunk_index, model),
     FOREIGN KEY (case_id, chunk_index) REFERENCES case_chunks(case_id, chunk_index) ON DELETE CASCADE
 );
-CREATE INDEX IF NOT EXISTS case_embeddings_hnsw
-    ON case_embeddings USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64);
+-- The HNSW cosine index (case_embeddings_hnsw) is built after bulk loads, not here: maintaining it
+-- row by row during a backfill is two orders of magnitude slower (see core/embeddings.py).
 
 -- The ledger. One row per provider job (= one shard) ...
 CREATE TABLE IF NOT EXISTS batch_jobs (

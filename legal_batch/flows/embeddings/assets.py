@@ -9,7 +9,12 @@ from __future__ import annotations
 import dagster as dg
 import psycopg
 
-from legal_batch.core.embeddings import DONE_WITHOUT_RESULT_SQL, EmbeddingsFlow, sync_chunks
+from legal_batch.core.embeddings import (
+    DONE_WITHOUT_RESULT_SQL,
+    EmbeddingsFlow,
+    ensure_vector_index,
+    sync_chunks,
+)
 from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
 from legal_batch.flows.embeddings.checks import vector_checks, vector_spec
 from legal_batch.providers.base import BatchProvider
@@ -44,6 +49,12 @@ def has_unchunked_cases(conn: psycopg.Connection) -> bool:
     ).fetchone()[0])
 
 
+def build_index_when_loaded(conn: psycopg.Connection) -> dict:
+    """After the last in-flight shard is ingested, build the HNSW index (once; see ensure_vector_index)."""
+    seconds = ensure_vector_index(conn)
+    return {} if seconds is None else {"hnsw_index_built_seconds": round(seconds, 1)}
+
+
 DEFS = build_flow_definitions(
     NAMES,
     make_flow=make_flow,
@@ -51,6 +62,7 @@ DEFS = build_flow_definitions(
     has_unprepared=has_unchunked_cases,
     result_check_specs=[vector_spec],
     result_checks=vector_checks,
+    after_ingest=build_index_when_loaded,
     done_without_result_sql=DONE_WITHOUT_RESULT_SQL,
     descriptions={
         "candidates": "Chunks of court judgments that need an embedding. Grain: one chunk (case_id, chunk_index). "

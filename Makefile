@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.bench_embeddings
+	$(BIN)/python -m benchmarks.bench_embeddings --cases 10000 --ingest-lines 50000
 
 dev: $(STAMP)
 	DAGSTER_HOME="$$($(BIN)/legal-batch dagster-home)" $(BIN)/dagster dev -w workspace.yaml

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from legal_batch.core import batch, ledger
-from legal_batch.core.embeddings import EmbeddingSink, EmbeddingsFlow
+from legal_batch.core.embeddings import EmbeddingsFlow, EmbeddingSink
 from legal_batch.core.flow import Item
 from legal_batch.providers.base import Result
 from legal_batch.providers.local import LocalProvider

@@ -1035,3 +1035,19 @@ def running_bedrock_emulator(**kw: Any) -> Iterator[BedrockBatchEmulator]:
         yield emulator
     finally:
         emulator.stop()
+
+
+TEST_ROLE_ARN = "arn:aws:iam::123456789012:role/BedrockBatchRole"
+
+
+def point_at_emulator(monkeypatch: Any, emulator: BedrockBatchEmulator, *, role_arn: str = TEST_ROLE_ARN) -> str:
+    """Point boto3 and legal_batch at the emulator for one test (the AWS variables, a fresh bucket in
+    moto, the role); returns the bucket name."""
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for name, value in emulator.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"legal-batch-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    monkeypatch.setenv("LEGAL_BATCH_S3_BUCKET", bucket)
+    monkeypatch.setenv("LEGAL_BATCH_BEDROCK_ROLE_ARN", role_arn)
+    return bucket

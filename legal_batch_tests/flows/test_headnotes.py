@@ -26,7 +26,11 @@ from legal_batch.flows.runner import FlowRun, FlowRunner
 from legal_batch.providers.base import Result
 from legal_batch.providers.local_models import extractive_headnote
 from legal_batch.resources.settings import get_settings
-from legal_batch_tests.emulators.bedrock_batch import BedrockBatchEmulator, running_bedrock_emulator
+from legal_batch_tests.emulators.bedrock_batch import (
+    BedrockBatchEmulator,
+    point_at_emulator,
+    running_bedrock_emulator,
+)
 from legal_batch_tests.emulators.openai_batch import OpenAIBatchEmulator, running_openai_emulator
 
 HEAD = FLOWS_BY_NAME["headnotes"]
@@ -455,13 +459,7 @@ def claude_answer(model_id: str, model_input: dict) -> dict:
 @pytest.fixture
 def bedrock(lb_env, monkeypatch: pytest.MonkeyPatch) -> Iterator[BedrockBatchEmulator]:
     with running_bedrock_emulator(auto_advance=True) as emu:
-        monkeypatch.delenv("AWS_PROFILE", raising=False)
-        for name, value in emu.env().items():
-            monkeypatch.setenv(name, value)
-        bucket = f"legal-batch-{uuid.uuid4().hex[:10]}"
-        boto3.client("s3").create_bucket(Bucket=bucket)
-        monkeypatch.setenv("LEGAL_BATCH_S3_BUCKET", bucket)
-        monkeypatch.setenv("LEGAL_BATCH_BEDROCK_ROLE_ARN", "arn:aws:iam::123456789012:role/BedrockBatchRole")
+        point_at_emulator(monkeypatch, emu)
         monkeypatch.setenv("LEGAL_BATCH_HEADNOTES_PROVIDER", "bedrock")
         get_settings(fresh=True)
         emu.responder = claude_answer

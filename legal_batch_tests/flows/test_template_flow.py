@@ -17,7 +17,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import boto3
 import dagster as dg
 import pandas as pd
 import psycopg
@@ -43,6 +42,7 @@ from legal_batch.resources.settings import get_settings
 from legal_batch_tests.emulators.bedrock_batch import (
     BedrockBatchEmulator,
     RecordError,
+    point_at_emulator,
     running_bedrock_emulator,
 )
 
@@ -64,7 +64,6 @@ SCHEMA = {
 }
 RESULT_COLUMNS = ["llm_court", "llm_outcome", "llm_judges", "llm_issues", "llm_status", "llm_error",
                   "llm_validation_passed", "llm_parse_status"]
-ROLE = "arn:aws:iam::123456789012:role/BedrockBatchRole"
 TEMPLATE = FLOWS_BY_NAME["template"]
 
 
@@ -479,13 +478,7 @@ def claude_json(model_id: str, model_input: dict) -> dict:
 @pytest.fixture
 def bedrock(lb_env, monkeypatch: pytest.MonkeyPatch) -> Iterator[BedrockBatchEmulator]:
     with running_bedrock_emulator(auto_advance=True) as emu:
-        monkeypatch.delenv("AWS_PROFILE", raising=False)
-        for name, value in emu.env().items():
-            monkeypatch.setenv(name, value)
-        bucket = f"legal-batch-{uuid.uuid4().hex[:10]}"
-        boto3.client("s3").create_bucket(Bucket=bucket)
-        monkeypatch.setenv("LEGAL_BATCH_S3_BUCKET", bucket)
-        monkeypatch.setenv("LEGAL_BATCH_BEDROCK_ROLE_ARN", ROLE)
+        point_at_emulator(monkeypatch, emu)
         monkeypatch.setenv("LEGAL_BATCH_TEMPLATE_PROVIDER", "bedrock")
         get_settings(fresh=True)
         emu.responder = claude_json

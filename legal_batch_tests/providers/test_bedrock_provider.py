@@ -33,14 +33,16 @@ from legal_batch.providers.bedrock import (
 )
 from legal_batch.resources.settings import Settings, get_settings
 from legal_batch_tests.emulators.bedrock_batch import (
+    TEST_ROLE_ARN,
     BedrockBatchEmulator,
     RecordError,
     default_responder,
     deterministic_unit_vector,
+    point_at_emulator,
     running_bedrock_emulator,
 )
 
-ROLE = "arn:aws:iam::123456789012:role/BedrockBatchRole"
+ROLE = TEST_ROLE_ARN
 TITAN = DEFAULT_EMBEDDING_MODEL
 CLAUDE = DEFAULT_CHAT_MODEL
 TOKEN = "lb-0123456789abcdef01234567"
@@ -462,14 +464,8 @@ def test_embeddings_flow_end_to_end_on_bedrock(
     from legal_batch.flows.runner import FlowRunner
 
     with running_bedrock_emulator(auto_advance=True) as emulator:
-        monkeypatch.delenv("AWS_PROFILE", raising=False)
-        for name, value in emulator.env().items():
-            monkeypatch.setenv(name, value)
-        bucket = f"legal-batch-{uuid.uuid4().hex[:10]}"
-        boto3.client("s3").create_bucket(Bucket=bucket)
+        bucket = point_at_emulator(monkeypatch, emulator)
         monkeypatch.setenv("LEGAL_BATCH_EMBEDDINGS_PROVIDER", "bedrock")
-        monkeypatch.setenv("LEGAL_BATCH_S3_BUCKET", bucket)
-        monkeypatch.setenv("LEGAL_BATCH_BEDROCK_ROLE_ARN", ROLE)
         monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
         (tmp_path / "dagster").mkdir()
         settings = get_settings(fresh=True)

@@ -32,6 +32,7 @@ else runs on it (the load average is recorded); nothing here is a test.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import resource
@@ -417,6 +418,12 @@ class Bench:
         from legal_batch.db import embedded
 
         BENCH_HOME.mkdir(parents=True, exist_ok=True)
+        self._lock = (BENCH_HOME / "bench.lock").open("w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # two runs on one server would measure each other
+            log(f"another benchmark run holds {BENCH_HOME / 'bench.lock'}; waiting for it to finish")
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.admin_url = embedded.start(BENCH_HOME)
         self.prefix = f"lb_bench_{uuid.uuid4().hex[:10]}"
         self.home = Path(tempfile.mkdtemp(prefix="lb_bench_home_"))
@@ -455,11 +462,15 @@ class Bench:
 
         if self.keep:
             log(f"kept databases {self.databases} and home {self.home}")
+            self._lock.close()
             return
-        with psycopg.connect(self.admin_url, autocommit=True) as admin:
-            for name in self.databases:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        shutil.rmtree(self.home, ignore_errors=True)
+        try:
+            with psycopg.connect(self.admin_url, autocommit=True) as admin:
+                for name in self.databases:
+                    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            shutil.rmtree(self.home, ignore_errors=True)
+            self._lock.close()
 
 
 def run(args: argparse.Namespace) -> Figures:

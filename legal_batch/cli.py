@@ -1,18 +1,40 @@
 """The `legal-batch` console script. Thin: every verb calls the code the Dagster assets call, and
-the flow verbs run the flow's own Dagster jobs in process against the persistent instance."""
+the flow verbs run the flow's own Dagster jobs in process against the persistent instance.
+
+A mistake of the user's — a setting, an argument, an unreachable database, a provider without its
+credentials — is one line on stderr naming it, its value and what to do, with exit code 2 (see
+`main`); the configuration a flow needs is checked before any Dagster run is launched."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperOption
 
+from legal_batch.core.errors import UserError
+from legal_batch.core.wording import plural
+from legal_batch.resources.providers import FlowName
 from legal_batch.resources.settings import get_settings
+
+
+def _flag_type(display_type_rich: Callable) -> Callable:
+    """A flag takes no value: show no type for it (typer's help prints `<bool>` after every flag)."""
+
+    def display(self: TyperOption, ctx: typer.Context) -> str | None:
+        return None if self.is_flag else display_type_rich(self, ctx)
+
+    return display
+
+
+TyperOption.display_type_rich = _flag_type(TyperOption.display_type_rich)  # type: ignore[method-assign]
 
 app = typer.Typer(help="Provider batch-API workloads over court judgments.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -36,11 +58,42 @@ def _url() -> str:
 
 
 def _connect():
-    from legal_batch.db import connect, upgrade
+    """A connection to an up-to-date schema; a database that cannot be used is a `UserError`."""
+    from legal_batch.db import DatabaseError, connect, upgrade
 
     url = _url()
-    upgrade(url)
-    return connect(url)
+    try:
+        upgrade(url)
+        return connect(url)
+    except DatabaseError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _at_least(option: str, value: float | None, minimum: float) -> None:
+    if value is not None and value < minimum:
+        raise UserError(f"{option} {value:g} is out of range: give {minimum:g} or more")
+
+
+def _check_flow(flow: str) -> None:
+    """Check what the flow's runs need — valid settings, its provider's settings and credentials, a
+    reachable database — before any run is launched (a run would fail with the cause buried in it)."""
+    _provider(flow)
+    _connect().close()
+
+
+def _provider(flow: str, name: str | None = None):
+    """The flow's provider (`name`, or the configured one); missing settings or credentials are a
+    `UserError` naming the flow's provider variable."""
+    from legal_batch.providers.base import ProviderError
+    from legal_batch.resources.providers import make_provider, provider_name_for
+
+    settings = get_settings()
+    name = name or provider_name_for(flow, settings)  # type: ignore[arg-type]
+    try:
+        return make_provider(name, settings)
+    except ProviderError as exc:
+        raise UserError(f"the {flow} flow's provider (LEGAL_BATCH_{flow.upper()}_PROVIDER={name}) cannot be "
+                        f"used: {exc}") from None
 
 
 # -- db -----------------------------------------------------------------------------------------------
@@ -48,9 +101,12 @@ def _connect():
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply pending schema migrations (idempotent)."""
-    from legal_batch.db import upgrade
+    from legal_batch.db import DatabaseError, upgrade
 
-    applied = upgrade(_url())
+    try:
+        applied = upgrade(_url())
+    except DatabaseError as exc:
+        raise UserError(str(exc)) from None
     console.print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
 
@@ -99,7 +155,7 @@ def demo_seed(cases: Annotated[int, typer.Option(help="Number of judgments.")] =
         task = progress.add_task("seeding court_cases", total=cases)
         inserted = seed_demo_cases(conn, cases=cases, seed=seed,
                                    on_progress=lambda n: progress.advance(task, n))
-    console.print(f"{inserted} new cases ({cases - inserted} already present)")
+    console.print(f"{plural(inserted, 'new case')} ({cases - inserted} already present)")
 
 
 @demo_app.command("run")
@@ -110,6 +166,8 @@ def demo_run(cases: Annotated[int, typer.Option(help="Number of demo judgments."
     """Seed, then run the embeddings pipeline through its whole batch lifecycle, then search; then the
     headnotes pipeline (local provider by default) and show one generated headnote."""
     settings = get_settings()
+    for flow in ("embeddings", "headnotes"):
+        _check_flow(flow)
     console.print(f"[bold]legal_batch demo[/bold] — home {settings.home_dir}, provider "
                   f"{settings.embeddings_provider}")
     console.print(f"database: {_url()}")
@@ -161,18 +219,18 @@ def _flow_defs(flow: str):
 def _flow_run(flow: str, *, limit: int | None, wait: bool, poll_interval: float, timeout: float | None):
     from legal_batch.flows.runner import FlowRunner
 
+    _check_flow(flow)
     flow_defs, defs = _flow_defs(flow)
     runner = FlowRunner(flow_defs, defs, flow=flow, echo=console.print)
     run = runner.run(limit=limit, wait=wait, poll_interval=poll_interval, timeout=timeout)
     if run.failed_runs:
-        err.print(f"[red]{len(run.failed_runs)} Dagster runs failed: {', '.join(run.failed_runs)}[/red]")
+        err.print(f"[red]{plural(len(run.failed_runs), 'Dagster run')} failed: {', '.join(run.failed_runs)}[/red]")
         raise typer.Exit(1)
     return run
 
 
 _OVERWRITE_OPTION = typer.Option(
-    "--overwrite", help="Also regenerate results that already exist (made before this command started); "
-    "flows without results to overwrite refuse it.")
+    "--overwrite", help="Also regenerate results that already exist (made before this command started).")
 
 
 def _set_overwrite(flow: str, overwrite_env: str | None, overwrite: bool) -> None:
@@ -188,17 +246,32 @@ def _set_overwrite(flow: str, overwrite_env: str | None, overwrite: bool) -> Non
     get_settings(fresh=True)
 
 
+def _without(parameter: str, command: Callable) -> Callable:
+    """`command` as the CLI sees it without `parameter`: the option is not offered (nor listed in
+    --help), and the parameter keeps its default."""
+    signature = inspect.signature(command, eval_str=True)
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in signature.parameters.values() if p.name != parameter])
+    return command
+
+
 def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
-    """The flow's verbs; `overwrite_env` names the variable `--overwrite` turns on (flows that have one)."""
+    """The flow's verbs; `overwrite_env` names the variable `--overwrite` turns on (flows that have one;
+    the others do not offer --overwrite)."""
     sub = typer.Typer(help=f"The {flow} flow: export, submit, status, ingest, run.", no_args_is_help=True)
+    overwrite_option: Callable[[Callable], Callable] = (
+        (lambda command: command) if overwrite_env else (lambda command: _without("overwrite", command)))
 
     @sub.command("export")
+    @overwrite_option
     def export(limit: Annotated[int | None, typer.Option(help="At most N source records.")] = None,
                overwrite: Annotated[bool, _OVERWRITE_OPTION] = False) -> None:
         """Prepare candidates and cut them into shards (request files are written on submit)."""
         from legal_batch.flows.runner import FlowRun, FlowRunner
 
+        _at_least("--limit", limit, 1)
         _set_overwrite(flow, overwrite_env, overwrite)
+        _check_flow(flow)
         flow_defs, defs = _flow_defs(flow)
         runner = FlowRunner(flow_defs, defs, flow=flow, echo=console.print)
         runner.plan(FlowRun(flow), limit=limit)
@@ -208,6 +281,7 @@ def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
         """Write and submit every planned shard (each exactly once)."""
         from legal_batch.flows.runner import FlowRun, FlowRunner
 
+        _check_flow(flow)
         flow_defs, defs = _flow_defs(flow)
         run = FlowRun(flow)
         FlowRunner(flow_defs, defs, flow=flow, echo=console.print).submit_pending(run)
@@ -218,10 +292,9 @@ def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
     def status() -> None:
         """Poll open provider jobs once and show the ledger."""
         from legal_batch.core import batch
-        from legal_batch.resources.providers import make_provider
 
         with _connect() as conn:
-            polled = batch.poll_open_jobs(conn, lambda name: make_provider(name, get_settings()), flow=flow)
+            polled = batch.poll_open_jobs(conn, lambda name: _provider(flow, name), flow=flow)
             for entry in polled:
                 console.print(f"{entry.job.shard_key}: {entry.job.provider_job_id} {entry.status.raw_status} "
                               f"({entry.status.completed or 0}/{entry.status.total or 0} done)")
@@ -232,19 +305,25 @@ def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
         """Poll once, then download and ingest every finished shard."""
         from legal_batch.flows.runner import FlowRun, FlowRunner
 
+        _check_flow(flow)
         flow_defs, defs = _flow_defs(flow)
         left = FlowRunner(flow_defs, defs, flow=flow, echo=console.print).tick_status(FlowRun(flow))
-        console.print(f"{left} jobs still open")
+        console.print(f"{plural(left, 'job')} still open")
 
     @sub.command("run")
+    @overwrite_option
     def run(limit: Annotated[int | None, typer.Option(help="At most N source records.")] = None,
             wait: Annotated[bool, typer.Option(help="Poll until every job is ingested.")] = False,
-            poll_interval: Annotated[float, typer.Option(help="Seconds between polls (production: ~60).")] = 60.0,
+            poll_interval: Annotated[float | None, typer.Option(
+                help="Seconds between polls (default: LEGAL_BATCH_POLL_INTERVAL, 60).")] = None,
             timeout: Annotated[float | None, typer.Option(help="Give up waiting after S seconds.")] = None,
             overwrite: Annotated[bool, _OVERWRITE_OPTION] = False) -> None:
         """Export and submit; with --wait, poll and ingest until done (retrying retryable items)."""
+        _at_least("--limit", limit, 1)
+        _at_least("--poll-interval", poll_interval, 0)
         _set_overwrite(flow, overwrite_env, overwrite)
-        result = _flow_run(flow, limit=limit, wait=wait, poll_interval=poll_interval, timeout=timeout)
+        interval = get_settings().poll_interval if poll_interval is None else poll_interval
+        result = _flow_run(flow, limit=limit, wait=wait, poll_interval=interval, timeout=timeout)
         if not result.submitted:
             console.print(f"nothing new to submit for {flow}")
         jobs(flow=flow)
@@ -261,7 +340,7 @@ app.add_typer(__import__("legal_batch.flows.template.cli", fromlist=["app"]).app
 # -- ledger and search --------------------------------------------------------------------------------
 
 @app.command("jobs")
-def jobs(flow: Annotated[str | None, typer.Option(help="Only this flow.")] = None) -> None:
+def jobs(flow: Annotated[FlowName | None, typer.Option(help="Only this flow.")] = None) -> None:
     """The ledger: one row per provider job, and items by state."""
     from legal_batch.core import ledger
 
@@ -288,14 +367,17 @@ def jobs(flow: Annotated[str | None, typer.Option(help="Only this flow.")] = Non
 
 @app.command("search")
 def search(query: Annotated[str, typer.Argument(help="What to look for.")],
-           k: Annotated[int, typer.Option(help="Number of chunks.")] = 5) -> None:
+           k: Annotated[int, typer.Option(help="Number of chunks (1 or more).")] = 5) -> None:
     """Semantic search over case_embeddings with the configured embeddings provider."""
     from legal_batch.core.search import search as run_search
     from legal_batch.providers.base import EmbeddingRequest
-    from legal_batch.resources.providers import make_provider
 
+    if not query.strip():
+        raise UserError(f"the QUERY argument is empty ({query!r}): give the words to look for, e.g. "
+                        "legal-batch search \"adverse possession\"")
+    _at_least("--k", k, 1)
     settings = get_settings()
-    provider = make_provider(settings.embeddings_provider, settings)
+    provider = _provider("embeddings")
     model = settings.embedding_model or provider.default_model("embeddings")
     result = next(iter(provider.realtime([EmbeddingRequest("query", query)], endpoint="embeddings", model=model)))
     if result.vector is None:
@@ -303,8 +385,15 @@ def search(query: Annotated[str, typer.Argument(help="What to look for.")],
         raise typer.Exit(1)
     with _connect() as conn:
         hits = run_search(conn, result.vector, model=model, k=k)
-    console.print(f"[bold]top {k} chunks for[/bold] “{query}”")
-    if not hits:
+        stored = [] if hits else conn.execute(
+            "SELECT model, count(*) FROM case_embeddings GROUP BY model ORDER BY 2 DESC").fetchall()
+    console.print(f"[bold]top {plural(k, 'chunk')} for[/bold] “{query}”")
+    if not hits and stored:
+        others = ", ".join(f"{plural(count, 'vector')} of {name}" for name, count in stored)
+        console.print(f"no embeddings of {model} (stored: {others}): set LEGAL_BATCH_EMBEDDING_MODEL (and "
+                      "LEGAL_BATCH_EMBEDDINGS_PROVIDER) to the model they were made with, or run "
+                      "`legal-batch embeddings run --wait`", markup=False)
+    elif not hits:
         console.print("no embeddings yet: run `legal-batch embeddings run --wait`")
     for rank, hit in enumerate(hits, start=1):
         text = " ".join(hit.chunk_text.split())
@@ -313,7 +402,7 @@ def search(query: Annotated[str, typer.Argument(help="What to look for.")],
 
 
 @app.command("verify")
-def verify(flow: Annotated[str | None, typer.Option(help="Only this flow.")] = None) -> None:
+def verify(flow: Annotated[FlowName | None, typer.Option(help="Only this flow.")] = None) -> None:
     """Prove from the database alone that every item is in exactly one state and nothing is lost."""
     from legal_batch.core.verify import verify as run_verify
     from legal_batch.definitions import DONE_WITHOUT_RESULT
@@ -322,7 +411,8 @@ def verify(flow: Annotated[str | None, typer.Option(help="Only this flow.")] = N
     with _connect() as conn:
         report = run_verify(conn, flows)
     for name in flows:
-        console.print(f"{name}: {report.checked_items[name]} items in {report.checked_jobs[name]} jobs checked")
+        console.print(f"{name}: {plural(report.checked_items[name], 'item')} in "
+                      f"{plural(report.checked_jobs[name], 'job')} checked")
     for violation in report.violations:
         console.print(f"[red]✗ {violation.flow}: {violation.rule}: {violation.count}[/red] "
                       f"(e.g. {', '.join(violation.examples)})\n  what to do: {violation.repair}")
@@ -331,11 +421,36 @@ def verify(flow: Annotated[str | None, typer.Option(help="Only this flow.")] = N
     console.print("[green]ledger consistent: every item is in exactly one state[/green]")
 
 
+def _one_line(message: str, code: int) -> NoReturn:
+    """Print `message` as one line on stderr and exit with `code`."""
+    typer.secho(" ".join(message.split()), err=True, fg="red")
+    sys.exit(code)
+
+
+# The exceptions the command-line parser raises for a bad argument (typer vendors its click: reach
+# its base class through a public name).
+_ParserError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
+    """The console script: one line on stderr, no traceback, for a mistake of the user's (`UserError`,
+    a bad argument); a genuine bug still shows its traceback."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except UserError as exc:
+        _one_line(f"legal-batch: {exc}", exc.exit_code)
+    except _ParserError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # no arguments: the help was printed
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx is not None else "legal-batch"
+        message = exc.format_message().replace("Value error, ", "")
+        _one_line(f"{command}: {message} (see `{command} --help`)", exc.exit_code)
+    except typer.Abort:
+        _one_line("aborted", 1)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from importlib import resources
 
 import psycopg
 
-from legal_batch.db.connection import DatabaseError
+from legal_batch.db.connection import DatabaseError, _redact
 
 _LOCK_ID = 0x4C42_0001  # advisory lock key for migrations
 
@@ -28,7 +28,10 @@ def upgrade(url: str) -> list[str]:
     try:
         conn = psycopg.connect(url, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise DatabaseError(f"cannot connect to Postgres to migrate: {exc}") from exc
+        raise DatabaseError(
+            f"cannot connect to Postgres ({_redact(url)}) to migrate: {' '.join(str(exc).split())} — check "
+            "LEGAL_BATCH_DATABASE_URL, or unset it to use the embedded server"
+        ) from exc
     with conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_ID,))
         try:

@@ -16,9 +16,13 @@ ChatProvider = Literal["local", "azure_openai", "openai", "bedrock"]
 
 
 class Settings(BaseSettings):
-    """Every `LEGAL_BATCH_*` variable; the SDKs read their own standard variables themselves."""
+    """Every `LEGAL_BATCH_*` variable; the SDKs read their own standard variables themselves.
 
-    model_config = SettingsConfigDict(env_prefix="LEGAL_BATCH_", env_file=".env", extra="ignore")
+    An empty value (`LEGAL_BATCH_POLL_INTERVAL=`, as `.env.example` has them) is the same as no value:
+    the default applies."""
+
+    model_config = SettingsConfigDict(env_prefix="LEGAL_BATCH_", env_file=".env", extra="ignore",
+                                      env_ignore_empty=True)
 
     home: Path = Field(default=Path(".legal_batch"), description="State folder: embedded database, files, Dagster home.")
     database_url: str | None = Field(default=None, description="Postgres with pgvector; unset → embedded server.")
@@ -42,7 +46,8 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = 64
     shard_max_records: int | None = Field(default=None, description="Cap below the provider's own per-job limit.")
     max_attempts: int = 3
-    poll_interval: float = 60.0
+    poll_interval: float = Field(default=60.0, ge=0, description="Seconds between status polls of `run --wait` "
+                                 "(its --poll-interval wins).")
     s3_bucket: str | None = None
     s3_prefix: str = "legal-batch"
     bedrock_role_arn: str | None = None
@@ -74,11 +79,58 @@ def _cached() -> Settings:
     # A `.env` file also carries the SDKs' own variables (OPENAI_API_KEY, AWS_*): put them in the
     # environment (never overriding what is already set) so the SDKs read them unchanged.
     load_dotenv(".env", override=False)
-    return Settings()
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from legal_batch.core.errors import UserError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise UserError(_describe_invalid(exc)) from None
+    except SettingsError as exc:  # a JSON setting that is not JSON
+        raise UserError(_describe_unparsable(exc)) from None
 
 
 def get_settings(*, fresh: bool = False) -> Settings:
-    """The process's settings; `fresh=True` re-reads the environment (tests change it)."""
+    """The process's settings; `fresh=True` re-reads the environment (tests change it).
+
+    Raises `UserError` naming each invalid variable, its value and what it should be."""
     if fresh:
         _cached.cache_clear()
     return _cached()
+
+
+def _variable(field: str) -> str:
+    return f"{Settings.model_config.get('env_prefix', '')}{field.upper()}"
+
+
+def _default(field: str) -> str:
+    info = Settings.model_fields.get(field)
+    if info is None or info.default_factory is not None or info.default is None:
+        return ""
+    return f" (default: {info.default})"
+
+
+def _describe_invalid(exc) -> str:
+    """One line: every invalid variable with its value, what it should be, and its default."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        expected = error["msg"].removeprefix("Input ").removeprefix("Value error, ")
+        problems.append(f"{_variable(field)}={str(error['input'])[:80]!r} is not valid: {expected}; "
+                        f"correct it, or unset it{_default(field)}")
+    return "; ".join(problems)
+
+
+def _describe_unparsable(exc: Exception) -> str:
+    """One line for a value pydantic-settings could not even parse (a JSON setting that is not JSON)."""
+    import os
+    import re
+
+    match = re.search(r'field "(\w+)"', str(exc))
+    if match is None:
+        return f"a LEGAL_BATCH_ setting cannot be read: {exc}"
+    field = match.group(1)
+    value = os.environ.get(_variable(field), "")
+    return f"{_variable(field)}={value[:80]!r} is not valid JSON; correct it, or unset it{_default(field)}"

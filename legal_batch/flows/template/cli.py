@@ -19,6 +19,7 @@ import orjson
 import typer
 from rich.console import Console
 
+from legal_batch.core.wording import plural
 from legal_batch.resources.settings import get_settings
 
 app = typer.Typer(help="Template-driven structured processing of tabular files: a prompt template and a JSON "
@@ -56,11 +57,15 @@ def _error(text: str) -> None:
 
 
 def _connect():
-    from legal_batch.db import connect, database_url, upgrade
+    from legal_batch.core.errors import UserError
+    from legal_batch.db import DatabaseError, connect, database_url, upgrade
 
     url = database_url(get_settings())
-    upgrade(url)
-    return connect(url)
+    try:
+        upgrade(url)
+        return connect(url)
+    except DatabaseError as exc:
+        raise UserError(str(exc)) from None
 
 
 @app.command("run")
@@ -75,7 +80,8 @@ def run(
     provider: Annotated[Literal["local", "openai", "azure_openai", "bedrock"] | None, typer.Option(
         envvar=_PROVIDER_ENV, help="Provider (default: local).")] = None,
     wait: Annotated[bool, typer.Option(help="Batch: poll until every job is ingested, then write outputs.")] = False,
-    poll_interval: Annotated[float, typer.Option(help="Seconds between polls (production: ~60).")] = 60.0,
+    poll_interval: Annotated[float | None, typer.Option(
+        help="Seconds between polls (default: LEGAL_BATCH_POLL_INTERVAL, 60).")] = None,
     timeout: Annotated[float | None, typer.Option(help="Give up waiting after S seconds.")] = None,
     prefix: Annotated[str, typer.Option(help="Prefix of the result columns.")] = "llm_",
     batch_threshold: Annotated[int | None, typer.Option(
@@ -96,6 +102,10 @@ def run(
 
     settings = get_settings()
     provider_name = provider or settings.template_provider
+    if poll_interval is not None and poll_interval < 0:
+        _error(f"--poll-interval {poll_interval:g} is out of range: give 0 or more")
+        raise typer.Exit(2)
+    poll_interval = settings.poll_interval if poll_interval is None else poll_interval
     try:
         config = TemplateRunConfig(
             input_path=input_path, templates=templates, schema_path=schema, output_path=output,
@@ -109,11 +119,11 @@ def run(
         raise typer.Exit(2) from None
     run_row = staged.run
     _say(f"template run {run_row.id} ({run_row.name}) "
-                  f"{'continued' if staged.resumed else 'staged'}: {run_row.record_count} records in {staged.files} "
-                  f"files, provider {run_row.provider} ({run_row.model})")
+                  f"{'continued' if staged.resumed else 'staged'}: {plural(run_row.record_count, 'record')} in "
+                  f"{plural(staged.files, 'file')}, provider {run_row.provider} ({run_row.model})")
     _say(f"  {run_row.execution}: {run_row.mode_note}")
     if staged.truncation.rows_affected:
-        _say(f"  {staged.truncation.rows_affected} rows had fields truncated at {run_row.max_field_chars} "
+        _say(f"  {plural(staged.truncation.rows_affected, 'row')} had fields truncated at {run_row.max_field_chars} "
                       f"characters: {dict(staged.truncation.fields_truncated)}")
     failed_runs: list[str] = []
     if run_row.execution == "batch" and run_row.finished_at is None:
@@ -126,8 +136,8 @@ def run(
         raise typer.Exit(1) from None
     if progress.realtime.requested:
         fallback = f" ({progress.realtime.fallback} as fallback after batch failures)" if progress.realtime.fallback else ""
-        _say(f"  answered {progress.realtime.requested} rows in real time{fallback}, "
-                      f"{progress.realtime.errors} provider errors")
+        _say(f"  answered {plural(progress.realtime.requested, 'row')} in real time{fallback}, "
+                      f"{plural(progress.realtime.errors, 'provider error')}")
     if not progress.finished:
         _say(progress_line(progress))
         _say("results are still in provider batch jobs: run the same command with --wait to collect "
@@ -147,7 +157,7 @@ def _run_batch(provider_name: str, *, wait: bool, poll_interval: float, timeout:
         flow_run = FlowRunner(FLOWS_BY_NAME["template"], defs, flow="template", echo=_say).run(
             wait=wait, poll_interval=poll_interval, timeout=timeout)
     if flow_run.failed_runs:
-        _error(f"{len(flow_run.failed_runs)} Dagster runs failed: {', '.join(flow_run.failed_runs)}; see "
+        _error(f"{plural(len(flow_run.failed_runs), 'Dagster run')} failed: {', '.join(flow_run.failed_runs)}; see "
                "`dagster dev` → Runs. Rows of refused or failed jobs are answered in real time.")
     return flow_run.failed_runs
 
@@ -163,7 +173,7 @@ def _print_outputs(outputs: list[str], summary_path: str | None) -> None:
         summary = orjson.loads(Path(summary_path).read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return
-    _say(f"  {summary['records']} records: {summary['successes']} success, {summary['failures']} error, "
+    _say(f"  {plural(summary['records'], 'record')}: {summary['successes']} success, {summary['failures']} error, "
                   f"validation rate {summary['validation_rate']:.1%}; batch used: {summary['batch_used']}")
     if summary.get("fallback_note"):
         _say(f"  note: {summary['fallback_note']}")

@@ -14,17 +14,19 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import psycopg
 
-from legal_batch.core import ledger
+from legal_batch.core import ledger, quota
 from legal_batch.core.cost import price
 from legal_batch.core.crash import crash_point
 from legal_batch.core.flow import Flow, Item, Permanent
 from legal_batch.core.jsonl import atomic_writer
 from legal_batch.core.ledger import JobRow, PlanResult, ShardLimits
+from legal_batch.core.quota import QuotaPolicy
 from legal_batch.providers.base import (
     TERMINAL_STATES,
     BatchProvider,
@@ -37,7 +39,6 @@ from legal_batch.providers.base import (
 
 log = logging.getLogger("legal_batch")
 
-SUBMIT_BACKOFF_SECONDS = (60, 300, 900, 1800, 3600)
 _SUBMIT_LOCK = 0x4C42  # advisory lock namespace (first key) for "submitting shard <job id>"
 _DOWNLOAD_LOCK = 0x4C43  # ... for "downloading the outputs of shard <job id>"
 _PARTIAL_SUFFIXES = (".tmp", ".part")  # files still being written (jsonl.atomic_writer, downloads)
@@ -54,16 +55,50 @@ class IngestInterrupted(RuntimeError):
 # -- plan ---------------------------------------------------------------------------------------------
 
 def plan(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, *, model: str,
-         cap_records: int | None = None, max_shards: int | None = 100) -> PlanResult:
-    """Cut new shards from the flow's candidates (see `ledger.plan_shards`)."""
+         cap_records: int | None = None, max_shards: int | None = 100,
+         policy: QuotaPolicy | None = None) -> PlanResult:
+    """Cut new shards from the flow's candidates (see `ledger.plan_shards`), each within the
+    provider's per-job limits and a share of its enqueued-token quota when it has one; waiting
+    shards that can never fit the quota (planned before it was known) are split first."""
+    policy = policy or QuotaPolicy()
     sql, params = flow.candidate_sql()
     limits = ShardLimits.of(provider.limits, cap_records=cap_records)
     if flow.endpoint != "embeddings":  # chat flows truncate their own prompts; the limit is for embeddings
         limits = dataclasses.replace(limits, max_input_tokens=10**9)
+    found = quota.quota_for(conn, provider=provider.name, model=model, kind=provider.limits.quota_kind,
+                            policy=policy)
+    if found is not None and found.usable is not None and found.kind == "enqueued_tokens":
+        limits = dataclasses.replace(limits, max_tokens=quota.shard_token_cap(found, policy),
+                                     quota_tokens=found.usable, quota_hint=found.describe())
+        split_oversized(conn, flow=flow.name, provider=provider, model=model, max_tokens=limits.max_tokens or 1,
+                        usable=found.usable)
     return ledger.plan_shards(
         conn, flow=flow.name, provider=provider.name, model=model, candidate_sql=sql, params=params,
         limits=limits, max_shards=max_shards,
     )
+
+
+def split_oversized(conn: psycopg.Connection, *, flow: str, provider: BatchProvider, model: str, max_tokens: int,
+                    usable: int) -> list[str]:
+    """Split every waiting shard of the flow whose tokens exceed the usable quota."""
+    new_keys: list[str] = []
+    for job in ledger.list_jobs(conn, flow=flow, states=("planned", "exported")):
+        if job.provider == provider.name and job.model == model and job.mode == "batch" \
+                and (job.est_input_tokens or 0) > usable:
+            with conn.transaction():
+                locked = ledger.get_job(conn, job.shard_key, for_update=True)
+                if locked.state in ("planned", "exported"):
+                    new_keys += _split(conn, locked, provider, max_tokens)
+    return new_keys
+
+
+def _split(conn: psycopg.Connection, job: JobRow, provider: BatchProvider, max_tokens: int) -> list[str]:
+    keys = ledger.split_shard(conn, job, max_tokens=max_tokens, min_records=provider.limits.min_records_per_job)
+    if job.input_location and not job.input_location.startswith(("s3://", "file-")):
+        Path(job.input_location).unlink(missing_ok=True)
+    log.warning("shard %s (%s tokens) is larger than the %s quota of %s/%s allows: split into %s",
+                job.shard_key, job.est_input_tokens, job.provider, job.provider, job.model, ", ".join(keys))
+    return keys
 
 
 # -- request files ------------------------------------------------------------------------------------
@@ -95,6 +130,8 @@ def write_request_file(conn: psycopg.Connection, flow: Flow, provider: BatchProv
     max_bytes = provider.limits.max_bytes_per_file
     with conn.transaction():  # holds the row lock and the server-side cursor
         job = ledger.get_job(conn, shard_key, for_update=True)
+        if job.state == "split":
+            return RequestFile(path, 0, 0, 0, 0.0, 0.0, f"(split into {', '.join(job.split_into or [])})")
         if job.state not in ("planned", "exported"):
             if not path.exists():
                 raise ShardNotReady(f"shard {shard_key} is already {job.state} and its request file {path} is gone")
@@ -138,7 +175,7 @@ class SubmitOutcome:
 
 
 def submit_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
-                 max_attempts: int = 3) -> SubmitOutcome:
+                 max_attempts: int = 3, policy: QuotaPolicy | None = None) -> SubmitOutcome:
     """Submit the shard's request file once. The job row is marked `submitting` (with the client
     token the provider echoes) before the provider call, so a crash in between is reconciled by
     `find_job`, never submitted twice. A session advisory lock on the job makes a concurrent
@@ -147,15 +184,16 @@ def submit_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
     if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
         return SubmitOutcome(shard_key, "submitting", None, "another process is submitting this shard; skipped")
     try:
-        return _submit_locked(conn, flow, provider, shard_key, max_attempts=max_attempts)
+        return _submit_locked(conn, flow, provider, shard_key, max_attempts=max_attempts,
+                              policy=policy or QuotaPolicy())
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
 def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
-                   max_attempts: int) -> SubmitOutcome:
+                   max_attempts: int, policy: QuotaPolicy) -> SubmitOutcome:
     if ledger.get_job(conn, shard_key).mode == "realtime":
-        return _serve_realtime(conn, flow, provider, shard_key, max_attempts=max_attempts)
+        return _serve_realtime(conn, flow, provider, shard_key, max_attempts=max_attempts, policy=policy)
     with conn.transaction():
         job = ledger.get_job(conn, shard_key, for_update=True)
         if job.state in ("planned",):
@@ -166,15 +204,17 @@ def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider
         if job.next_submit_at is not None and job.next_submit_at > datetime.now(UTC):
             return SubmitOutcome(shard_key, job.state, None,
                                  f"held back after a quota refusal until {job.next_submit_at:%Y-%m-%d %H:%M:%S} UTC")
-        limit = provider.limits.max_concurrent_jobs
-        if job.state == "exported" and limit is not None:
-            open_jobs = conn.execute(
-                "SELECT count(*) FROM batch_jobs WHERE provider = %s AND mode = 'batch'"
-                " AND state IN ('submitting', 'pending', 'running')", (job.provider,)).fetchone()[0]
-            if open_jobs >= limit:
-                ledger.update_job(conn, job.id, next_submit_at=datetime.now(UTC) + timedelta(seconds=60))
-                return SubmitOutcome(shard_key, job.state, None, f"{open_jobs} {job.provider} jobs already open "
-                                     f"(limit {limit} concurrent jobs): held back, next try in 60 s")
+        if job.state == "exported":
+            admission = quota.admit(conn, job_id=job.id, flow=job.flow, provider=job.provider, model=job.model,
+                                    tokens=job.est_input_tokens or 0, est_cost_usd=job.est_cost_usd or Decimal(0),
+                                    kind=provider.limits.quota_kind, policy=policy)
+            if admission.split_to is not None:
+                keys = _split(conn, job, provider, admission.split_to)
+                return SubmitOutcome(shard_key, "split", None, f"{admission.reason} into {len(keys)} shards "
+                                     f"({', '.join(keys)}); each is submitted when the quota has room")
+            if not admission.ok:
+                quota.hold(conn, job.id, admission.reason or "waiting")
+                return SubmitOutcome(shard_key, job.state, None, f"{admission.reason}; not submitted yet")
         if job.state == "submitting":
             found = provider.find_job(client_token=job.client_token)
             if found is not None:
@@ -188,12 +228,10 @@ def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider
         submitted = provider.submit(request_file=Path(job.input_location or ""), endpoint=flow.endpoint,
                                     model=job.model, client_token=job.client_token, shard_key=shard_key)
     except ProviderQuotaError as exc:
-        delay = exc.retry_after or SUBMIT_BACKOFF_SECONDS[min(job.submit_attempts, len(SUBMIT_BACKOFF_SECONDS) - 1)]
         with conn.transaction():
-            ledger.update_job(conn, job.id, state="exported", last_error=f"quota: {exc}",
-                              next_submit_at=datetime.now(UTC) + timedelta(seconds=delay))
-        return SubmitOutcome(shard_key, "exported", None, f"provider quota refused the job ({exc}); requeued, "
-                             f"next try in {delay:.0f} s")
+            note = _requeue_for_quota(conn, provider, ledger.get_job(conn, shard_key, for_update=True), str(exc),
+                                      retry_after=exc.retry_after, policy=policy)
+        return SubmitOutcome(shard_key, "exported", None, f"provider quota refused the job ({exc}); {note}")
     except ProviderError as exc:
         if exc.retryable:
             raise  # left `submitting`: the next attempt reconciles first
@@ -207,12 +245,30 @@ def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider
     crash_point("after_provider_accepted")
     with conn.transaction():
         _record_submitted(conn, job, submitted)
+        if submitted.status.quota_exceeded:  # created, and already failed for the enqueued-token quota
+            note = _requeue_for_quota(conn, provider, ledger.get_job(conn, shard_key, for_update=True),
+                                      submitted.status.message or "token_limit_exceeded", policy=policy)
+            return SubmitOutcome(shard_key, "exported", None, f"provider job {submitted.provider_job_id} was "
+                                 f"refused for quota ({submitted.status.message}); {note}")
     return SubmitOutcome(shard_key, submitted.status.state, submitted.provider_job_id,
                          f"submitted {job.request_count} requests as {submitted.provider_job_id}")
 
 
+def admissible_shards(conn: psycopg.Connection, flow: str, providers: Callable[[str], BatchProvider], *,
+                      policy: QuotaPolicy) -> list[str]:
+    """The flow's waiting shards (oldest first) that the queue quota has room for now — the ones
+    worth a submit run this round (`quota.admissible`)."""
+    pairs = conn.execute("SELECT DISTINCT provider, model FROM batch_jobs WHERE flow = %s AND state = ANY(%s)",
+                         (flow, ["planned", "exported", "submitting"])).fetchall()
+    ready: list[str] = []
+    for provider_name, model in pairs:
+        kind = providers(provider_name).limits.quota_kind
+        ready += quota.admissible(conn, flow=flow, provider=provider_name, model=model, kind=kind, policy=policy)
+    return ready
+
+
 def _serve_realtime(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
-                    max_attempts: int) -> SubmitOutcome:
+                    max_attempts: int, policy: QuotaPolicy) -> SubmitOutcome:
     """A shard below the provider's minimum records per job (Bedrock: 100) is served by the real-time
     path instead of a batch job that would fail: requests and results in one transaction, at the
     real-time price."""
@@ -220,6 +276,11 @@ def _serve_realtime(conn: psycopg.Connection, flow: Flow, provider: BatchProvide
         job = ledger.get_job(conn, shard_key, for_update=True)
         if job.state not in ("exported", "submitting"):
             return SubmitOutcome(shard_key, job.state, job.provider_job_id, f"already {job.state}; nothing to do")
+        over = quota.budget_refusal(conn, flow=job.flow, extra_usd=price(
+            job.model, input_tokens=job.est_input_tokens or 0, batch=False).batch_usd, policy=policy)
+        if over is not None:
+            quota.hold(conn, job.id, over)
+            return SubmitOutcome(shard_key, job.state, None, f"{over}; not served yet")
         conn.execute("UPDATE batch_items SET state = 'submitted', attempts = attempts + 1, updated_at = now()"
                      " WHERE job_id = %s AND state = 'exported'", (job.id,))
         ledger.update_job(conn, job.id, state="completed", provider_status="realtime", submitted_at=datetime.now(UTC),
@@ -240,7 +301,8 @@ def _record_submitted(conn: psycopg.Connection, job: JobRow, submitted: Submitte
         return
     ledger.update_job(conn, job.id, provider_job_id=submitted.provider_job_id, state=submitted.status.state,
                       provider_status=submitted.status.raw_status, submitted_at=datetime.now(UTC),
-                      input_location=submitted.input_location, next_submit_at=None, last_error=None)
+                      input_location=submitted.input_location, next_submit_at=None, last_error=None,
+                      waiting_reason=None, waiting_since=None)
     conn.execute(
         "UPDATE batch_items SET state = 'submitted', attempts = attempts + 1, updated_at = now()"
         " WHERE job_id = %s AND state = 'exported'",
@@ -257,7 +319,8 @@ class Polled:
 
 
 def poll_open_jobs(conn: psycopg.Connection, providers: Callable[[str], BatchProvider], *, flow: str,
-                   max_jobs: int = 50, time_budget_s: float = 40.0) -> list[Polled]:
+                   max_jobs: int = 50, time_budget_s: float = 40.0,
+                   policy: QuotaPolicy | None = None) -> list[Polled]:
     """Poll the least recently updated open jobs (bounded in count and time); record their status.
 
     Each job is polled under its row lock, taken with SKIP LOCKED: concurrent pollers (sensor ticks,
@@ -270,7 +333,8 @@ def poll_open_jobs(conn: psycopg.Connection, providers: Callable[[str], BatchPro
             break
         with conn.transaction():
             job = ledger.lock_job(conn, listed.id, states=_POLLED_STATES)
-            entry = None if job is None else _poll_locked(conn, providers(job.provider), job)
+            entry = None if job is None else _poll_locked(conn, providers(job.provider), job,
+                                                          policy or QuotaPolicy())
         if entry is not None:
             polled.append(entry)
     return polled
@@ -279,7 +343,8 @@ def poll_open_jobs(conn: psycopg.Connection, providers: Callable[[str], BatchPro
 _POLLED_STATES = ("submitting", "pending", "running")
 
 
-def _poll_locked(conn: psycopg.Connection, provider: BatchProvider, job: JobRow) -> Polled | None:
+def _poll_locked(conn: psycopg.Connection, provider: BatchProvider, job: JobRow,
+                 policy: QuotaPolicy) -> Polled | None:
     if job.provider_job_id is None:
         found = provider.find_job(client_token=job.client_token)
         if found is None:
@@ -288,7 +353,7 @@ def _poll_locked(conn: psycopg.Connection, provider: BatchProvider, job: JobRow)
         job = ledger.get_job(conn, job.shard_key)
     status = provider.poll(job.provider_job_id or "")
     if status.quota_exceeded:
-        _requeue_for_quota(conn, job, status)
+        _requeue_for_quota(conn, provider, job, status.message or status.raw_status, policy=policy)
         return Polled(ledger.get_job(conn, job.shard_key), status)
     values: dict[str, object] = dict(
         state=status.state, provider_status=status.raw_status, completed_count=status.completed,
@@ -303,23 +368,34 @@ def _poll_locked(conn: psycopg.Connection, provider: BatchProvider, job: JobRow)
     return Polled(ledger.get_job(conn, job.shard_key), status)
 
 
-def _requeue_for_quota(conn: psycopg.Connection, job: JobRow, status: JobStatus) -> None:
-    """A job the provider failed for quota only (e.g. enqueued-token limit): the shard goes back to
-    `exported` with back-off and a new client token; its items keep their attempts."""
-    delay = SUBMIT_BACKOFF_SECONDS[min(job.submit_attempts, len(SUBMIT_BACKOFF_SECONDS) - 1)]
-    with conn.transaction():
-        ledger.update_job(
-            conn, job.id, state="exported", provider_job_id=None, provider_status=status.raw_status,
-            client_token=ledger.new_client_token(), next_submit_at=datetime.now(UTC) + timedelta(seconds=delay),
-            last_error=f"provider job {job.provider_job_id} refused for quota ({status.message}); requeued, "
-                       f"next submit after {delay} s",
-        )
-        conn.execute(
-            "UPDATE batch_items SET state = 'exported', attempts = greatest(attempts - 1, 0), updated_at = now()"
-            " WHERE job_id = %s AND state = 'submitted'",
-            (job.id,),
-        )
-    log.warning("shard %s: provider job %s hit a quota; requeued in %s s", job.shard_key, job.provider_job_id, delay)
+def _requeue_for_quota(conn: psycopg.Connection, provider: BatchProvider, job: JobRow, message: str, *,
+                       policy: QuotaPolicy, retry_after: float | None = None) -> str:
+    """A shard the provider refused for quota only (an enqueued-token limit, jobs in progress, a 429
+    on create): inside the caller's transaction, learn what the refusal says about the quota, and put
+    the shard back in the queue under a new client token. Its items keep their attempts: a quota
+    refusal is never an item failure. Returns what happens next, for the operator."""
+    kind = provider.limits.quota_kind or "enqueued_tokens"
+    learned = quota.record_refusal(conn, job_id=job.id, provider=job.provider, model=job.model, kind=kind,
+                                   message=message, tokens=job.est_input_tokens or 0, policy=policy)
+    retry_at = quota.refusal_backoff(job.quota_refusals + 1, learned=learned, retry_after=retry_after, policy=policy)
+    when = "when the quota has room" if retry_at is None else f"after {retry_at:%H:%M:%S} UTC"
+    refused = f"provider job {job.provider_job_id}" if job.provider_job_id else "the submission"
+    ledger.update_job(
+        conn, job.id, state="exported", provider_job_id=None, provider_status=None,
+        client_token=ledger.new_client_token(), next_submit_at=retry_at, quota_refusals=job.quota_refusals + 1,
+        last_error=f"{refused} refused for quota ({message}); requeued",
+        waiting_reason=f"refused for quota; {learned.note}; next try {when}",
+    )
+    conn.execute(
+        "UPDATE batch_jobs SET waiting_since = coalesce(waiting_since, now()) WHERE id = %s", (job.id,))
+    conn.execute(
+        "UPDATE batch_items SET state = 'exported', attempts = greatest(attempts - 1, 0), updated_at = now()"
+        " WHERE job_id = %s AND state = 'submitted'",
+        (job.id,),
+    )
+    log.warning("shard %s: %s refused for quota; %s; requeued, next try %s", job.shard_key, refused, learned.note,
+                when)
+    return f"requeued, not failed; {learned.note}; next try {when}"
 
 
 def status_of(job: JobRow) -> JobStatus:

@@ -21,6 +21,7 @@ from decimal import Decimal
 import psycopg
 from psycopg.rows import class_row
 
+from legal_batch.core.quota import QuotaTooSmall
 from legal_batch.providers.base import ProviderLimits
 
 ITEM_OPEN_STATES = ("exported", "submitted")
@@ -73,6 +74,12 @@ class JobRow:
     finished_at: datetime | None
     ingested_at: datetime | None
     updated_at: datetime
+    waiting_reason: str | None
+    """Why the shard is not submitted yet (quota full, budget reached, back-off after a refusal)."""
+    waiting_since: datetime | None
+    quota_refusals: int
+    """How many times the provider refused this shard for quota (never counted as an item attempt)."""
+    split_into: list[str] | None
 
 
 _JOB_COLUMNS = ", ".join(f.name for f in fields(JobRow))
@@ -87,6 +94,12 @@ class ShardLimits:
     min_records: int = 1
     max_inputs: int | None = None
     max_input_tokens: int = 8191
+    max_tokens: int | None = None
+    """Most input tokens per shard (a share of the provider's enqueued-token quota), if it has one."""
+    quota_tokens: int | None = None
+    """The usable enqueued-token quota: a single request above it can never be submitted."""
+    quota_hint: str = ""
+    """Names the quota and its setting in the error for such a request."""
 
     @classmethod
     def of(cls, limits: ProviderLimits, *, cap_records: int | None = None) -> ShardLimits:
@@ -109,15 +122,18 @@ def _lock_key(flow: str) -> int:
 
 
 def cut_shards(candidates: Iterable[Candidate], limits: ShardLimits) -> Iterator[list[Candidate]]:
-    """Greedy packing in candidate order: a new shard when records or bytes would overflow."""
+    """Greedy packing in candidate order: a new shard when records, bytes or tokens would overflow."""
     shard: list[Candidate] = []
-    size = 0
+    size = tokens = 0
+    max_tokens = limits.max_tokens if limits.max_tokens is not None else float("inf")
     for candidate in candidates:
-        if shard and (len(shard) >= limits.max_records or size + candidate.size_bytes > limits.max_bytes):
+        if shard and (len(shard) >= limits.max_records or size + candidate.size_bytes > limits.max_bytes
+                      or tokens + candidate.tokens > max_tokens):
             yield shard
-            shard, size = [], 0
+            shard, size, tokens = [], 0, 0
         shard.append(candidate)
         size += candidate.size_bytes
+        tokens += candidate.tokens
     if shard:
         yield shard
 
@@ -162,6 +178,12 @@ def plan_shards(
                 cur.itersize = 5_000
                 for row in cur.execute(candidate_sql, params):
                     candidate = Candidate(*row)
+                    if limits.quota_tokens is not None and candidate.tokens > limits.quota_tokens:
+                        raise QuotaTooSmall(
+                            f"request {candidate.custom_id} ({candidate.subject_key}) needs {candidate.tokens:,} "
+                            f"input tokens, more than the usable {limits.quota_hint} of {limits.quota_tokens:,}; "
+                            "raise the quota (the provider's limits page is the truth) or make requests smaller "
+                            "(LEGAL_BATCH_CHUNK_MAX_TOKENS). Nothing was planned and nothing was marked failed.")
                     if candidate.tokens > limits.max_input_tokens:
                         too_big.append(candidate)
                     else:
@@ -183,16 +205,54 @@ def plan_shards(
             for c in shard:
                 digest.update(c.custom_id.encode())
             shard_key = f"{flow}-{existing:05d}-{digest.hexdigest()[:8]}"
-            job_id = conn.execute(
-                "INSERT INTO batch_jobs (flow, provider, model, mode, shard_key, client_token, state, request_count,"
-                " est_input_tokens) VALUES (%s, %s, %s, %s, %s, %s, 'planned', %s, %s) RETURNING id",
-                (flow, provider, model, mode, shard_key, new_client_token(), len(shard),
-                 sum(c.tokens for c in shard)),
-            ).fetchone()[0]
+            job_id = _insert_job(conn, flow=flow, provider=provider, model=model, mode=mode, shard_key=shard_key,
+                                 requests=len(shard), tokens=sum(c.tokens for c in shard))
             _claim_items(conn, flow, job_id, shard)
             shard_keys.append(shard_key)
             planned += len(shard)
     return PlanResult(shard_keys, planned, rejected, held_back)
+
+
+def _insert_job(conn: psycopg.Connection, *, flow: str, provider: str, model: str, mode: str, shard_key: str,
+                requests: int, tokens: int) -> int:
+    return conn.execute(
+        "INSERT INTO batch_jobs (flow, provider, model, mode, shard_key, client_token, state, request_count,"
+        " est_input_tokens) VALUES (%s, %s, %s, %s, %s, %s, 'planned', %s, %s) RETURNING id",
+        (flow, provider, model, mode, shard_key, new_client_token(), requests, tokens),
+    ).fetchone()[0]
+
+
+def split_shard(conn: psycopg.Connection, job: JobRow, *, max_tokens: int, min_records: int = 1) -> list[str]:
+    """Split a shard that was never accepted by the provider (`planned` or `exported`) into shards of
+    at most `max_tokens` input tokens each (inside the caller's transaction). Its items move to the
+    new shards unchanged — same state, same attempts —, the new shards start `planned` (their request
+    files are written again), and the original ends `split`, naming them. Returns the new shard keys."""
+    if job.state not in ("planned", "exported", "submitting") or job.provider_job_id is not None:
+        raise ValueError(f"shard {job.shard_key} is {job.state} with job {job.provider_job_id}: only a shard the "
+                         "provider never accepted can be split")
+    rows = conn.execute("SELECT id, coalesce(input_tokens, 0) FROM batch_items WHERE job_id = %s AND state = ANY(%s)"
+                        " ORDER BY id", (job.id, list(ITEM_OPEN_STATES))).fetchall()
+    pieces: list[list[tuple[int, int]]] = [[]]
+    tokens = 0
+    for item_id, item_tokens in rows:
+        if pieces[-1] and tokens + item_tokens > max_tokens:
+            pieces.append([])
+            tokens = 0
+        pieces[-1].append((item_id, item_tokens))
+        tokens += item_tokens
+    keys: list[str] = []
+    for number, piece in enumerate(p for p in pieces if p):
+        key = f"{job.shard_key}-p{number + 1}"
+        new_id = _insert_job(conn, flow=job.flow, provider=job.provider, model=job.model,
+                             mode="realtime" if len(piece) < min_records else "batch", shard_key=key,
+                             requests=len(piece), tokens=sum(t for _, t in piece))
+        conn.execute("UPDATE batch_items SET job_id = %s, state = 'exported', updated_at = now()"
+                     " WHERE id = ANY(%s)", (new_id, [i for i, _ in piece]))
+        keys.append(key)
+    update_job(conn, job.id, state="split", split_into=keys, waiting_reason=None, next_submit_at=None,
+               last_error=f"split into {len(keys)} shards of at most {max_tokens:,} tokens to fit the provider's "
+                          f"queue quota: {', '.join(keys)}")
+    return keys
 
 
 def _first(shards: Iterator[list[Candidate]], count: int) -> list[list[Candidate]]:

@@ -11,13 +11,12 @@ import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 import psycopg
 
-from legal_batch.core import batch, ledger
+from legal_batch.core import batch, ledger, quota
 from legal_batch.core.flow import Flow
 from legal_batch.core.verify import VerifyReport, verify
 from legal_batch.providers.base import BatchProvider, ProviderError, UnsupportedRequest
@@ -97,8 +96,10 @@ def build_flow_definitions(
         with _clear_failures(), database.connect() as conn:
             prepared = prepare(context, conn, config) if prepare else {}
             model = getattr(flow, "model", None) or provider.default_model(flow.endpoint)
+            policy = get_settings().quota_policy()
             result = batch.plan(conn, flow, provider, model=model, cap_records=get_settings().shard_max_records,
-                                max_shards=config.max_shards)
+                                max_shards=config.max_shards, policy=policy)
+            queues = quota.queue_views(conn, kinds={provider.name: provider.limits.quota_kind}, policy=policy)
             totals = ledger.summary(conn, names.flow)
             consistent = _ledger_check(verify(conn, {names.flow: done_without_result_sql}), names.flow)
         if result.shard_keys:
@@ -114,6 +115,7 @@ def build_flow_definitions(
             "held_back_items": result.held_back,
             "items_by_state": dg.MetadataValue.json(totals.items_by_state),
             "provider": provider.name,
+            "queue_quota": dg.MetadataValue.md("\n".join(f"- {view.line()}" for view in queues) or "no queued work"),
             "summary": message,
         }, check_results=[consistent])
 
@@ -145,9 +147,15 @@ def build_flow_definitions(
         with _clear_failures(), database.connect() as conn:
             job = ledger.get_job(conn, context.partition_key)
             provider = providers.named(job.provider)
+            policy = get_settings().quota_policy()
             outcome = batch.submit_shard(conn, make_flow(provider, None), provider, context.partition_key,
-                                         max_attempts=get_settings().max_attempts)
+                                         max_attempts=get_settings().max_attempts, policy=policy)
             job = ledger.get_job(conn, context.partition_key)
+            found = quota.quota_for(conn, provider=job.provider, model=job.model, kind=provider.limits.quota_kind,
+                                    policy=policy)
+            in_queue = quota.queued(conn, provider=job.provider, model=job.model)
+        if outcome.state == "split" and job.split_into:
+            context.instance.add_dynamic_partitions(partitions.name, list(job.split_into))
         context.log.info(outcome.message)
         return dg.MaterializeResult(metadata={
             "dagster/row_count": job.request_count,
@@ -156,6 +164,11 @@ def build_flow_definitions(
             "client_token": job.client_token,
             "state": outcome.state,
             "est_cost_usd": float(job.est_cost_usd or 0),
+            "est_input_tokens": job.est_input_tokens or 0,
+            "queue_quota": found.describe() if found else "no queue quota",
+            "enqueued_tokens": in_queue.tokens,
+            "jobs_in_progress": in_queue.jobs,
+            "waiting_reason": job.waiting_reason or "",
             "summary": outcome.message,
         })
 
@@ -235,6 +248,7 @@ def build_flow_definitions(
                        providers: ProvidersResource) -> dg.SensorResult:
         provider = providers.for_flow(names.flow)
         requests: list[dg.RunRequest] = []
+        policy = get_settings().quota_policy()
         with database.connect() as conn:
             flow = make_flow(provider, None)
             sql, params = flow.candidate_sql()
@@ -244,13 +258,19 @@ def build_flow_definitions(
                 state = f"{unplanned}:{unprepared}:{ledger.summary(conn, names.flow).items_by_state}"
                 requests.append(dg.RunRequest(job_name=candidates_job.name,
                                               run_key=f"plan:{hashlib.sha256(state.encode()).hexdigest()[:16]}"))
-            # `submitting` too: a submit that died before the provider answered (reconciled by token first)
-            for job in ledger.list_jobs(conn, flow=names.flow, states=("planned", "exported", "submitting")):
-                if job.next_submit_at is None or job.next_submit_at <= datetime.now(UTC):
-                    requests.append(dg.RunRequest(job_name=submit_job.name, partition_key=job.shard_key,
-                                                  run_key=f"submit:{job.shard_key}:{job.submit_attempts}:"
-                                                          f"{job.next_submit_at or ''}"))
-        return dg.SensorResult(run_requests=requests)
+            # `submitting` too: a submit that died before the provider answered (reconciled by token first).
+            # Only shards the queue quota and the budget have room for: the others wait, visibly, in the
+            # ledger (`legal-batch jobs`), and go in on the tick after room frees up.
+            waiting = ledger.list_jobs(conn, flow=names.flow, states=("planned", "exported", "submitting"))
+            ready = set(batch.admissible_shards(conn, names.flow, providers.named, policy=policy))
+        for job in waiting:
+            if job.shard_key in ready:
+                requests.append(dg.RunRequest(job_name=submit_job.name, partition_key=job.shard_key,
+                                              run_key=f"submit:{job.shard_key}:{job.updated_at.isoformat()}"))
+        known = set(context.instance.get_dynamic_partitions(partitions.name))
+        missing = [job.shard_key for job in waiting if job.shard_key not in known]  # e.g. split shards
+        return dg.SensorResult(run_requests=requests,
+                               dynamic_partitions_requests=[partitions.build_add_request(missing)] if missing else [])
 
     @dg.sensor(name=f"{names.prefix}_job_status_sensor", job=ingest_job, minimum_interval_seconds=60,
                default_status=dg.DefaultSensorStatus.RUNNING,
@@ -258,7 +278,8 @@ def build_flow_definitions(
     def status_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource,
                       providers: ProvidersResource) -> dg.SensorResult:
         with database.connect() as conn:
-            polled = batch.poll_open_jobs(conn, providers.named, flow=names.flow, max_jobs=50, time_budget_s=40)
+            polled = batch.poll_open_jobs(conn, providers.named, flow=names.flow, max_jobs=50, time_budget_s=40,
+                                          policy=get_settings().quota_policy())
             finished = ledger.list_jobs(conn, flow=names.flow,
                                         states=("completed", "partial", "failed", "cancelled", "expired"))
         for entry in polled:
@@ -288,7 +309,7 @@ def _clear_failures() -> Iterator[None]:
     """Errors that a retry cannot fix fail the step at once, with their message, and no retries."""
     try:
         yield
-    except (batch.ShardNotReady, LookupError, UnsupportedRequest) as exc:
+    except (batch.ShardNotReady, LookupError, UnsupportedRequest, quota.QuotaTooSmall) as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
     except ProviderError as exc:
         if exc.retryable:

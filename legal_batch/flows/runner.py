@@ -18,8 +18,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from legal_batch.core import ledger
+from legal_batch.core import batch, ledger, quota
 from legal_batch.flows.batch_assets import FlowDefinitions
+from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import DatabaseResource, get_settings
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -43,6 +44,24 @@ def instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
+class RunFailed(RuntimeError):
+    """A Dagster run the flow needed failed; the message carries the step's own error."""
+
+
+def failure_message(result: dg.ExecuteInProcessResult) -> str:
+    """The first failed step's error message (one line), or where to look."""
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            error = event.step_failure_data.error
+            while error.cause is not None and error.cls_name in ("DagsterExecutionStepExecutionError",):
+                error = error.cause
+            text = (error.message or "").strip()
+            if text.startswith(f"{error.cls_name}: "):
+                text = text[len(error.cls_name) + 2:]
+            return text.splitlines()[0] if text else error.cls_name or "failed"
+    return "see `dagster dev` → Runs for the error"
+
+
 @dataclass
 class FlowRun:
     flow: str
@@ -51,6 +70,8 @@ class FlowRun:
     ingested: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     failed_runs: list[str] = field(default_factory=list)
+    budget_blocked: int = 0
+    """Shards left waiting because a spend cap was reached."""
 
 
 class FlowRunner:
@@ -89,7 +110,7 @@ class FlowRunner:
                                run_config={"ops": {key: {"config": {"limit": limit}}}})
         if not result.success:
             run.failed_runs.append(result.run_id)
-            raise RuntimeError(f"{key} failed (run {result.run_id}); see `dagster dev` → Runs for the error")
+            raise RunFailed(f"{key} failed (run {result.run_id}): {failure_message(result)}")
         for event in result.get_asset_materialization_events():
             meta = event.materialization.metadata
             run.planned_shards += list(meta["new_shards"].value) if "new_shards" in meta else []
@@ -97,20 +118,52 @@ class FlowRunner:
                 run.messages.append(str(meta["summary"].value))
                 self.echo(f"  {meta['summary'].value}")
 
-    def submit_pending(self, run: FlowRun) -> None:
+    def _providers(self) -> Callable[[str], BatchProvider]:
+        return self.defs.resources["providers"].named  # type: ignore[attr-defined]
+
+    def submit_pending(self, run: FlowRun) -> int:
+        """Submit every waiting shard the queue quota and the budget have room for now (a shard split
+        to fit the quota is followed by its pieces); the rest wait in the ledger with the reason.
+        Returns how many shards were submitted (or served in real time) this call."""
+        policy = get_settings().quota_policy()
+        submitted = 0
+        tried: set[str] = set()
+        while True:
+            with self._database().connect() as conn:
+                # `submitting`: a submit that died before the provider answered; submitting again reconciles
+                # by client token first, and a live submitter holds the shard's lock (the run then skips it)
+                shards = [s for s in batch.admissible_shards(conn, self.flow, self._providers(), policy=policy)
+                          if s not in tried]
+            if not shards:
+                return submitted
+            for shard in shards:
+                tried.add(shard)
+                result = self._execute(self.flow_defs.submit_job.name, partition_key=shard)
+                if not result.success:
+                    run.failed_runs.append(result.run_id)
+                    self.echo(f"  submit of {shard} failed (run {result.run_id}); it stays in the ledger for a retry")
+                    continue
+                with self._database().connect() as conn:
+                    job = ledger.get_job(conn, shard)
+                if job.state in ("planned", "exported"):
+                    self.echo(f"  {shard} waits: {job.waiting_reason or job.last_error}")
+                elif job.state == "split":
+                    self.echo(f"  {shard} split to fit the queue quota: {', '.join(job.split_into or [])}")
+                else:
+                    run.submitted.append(shard)
+                    submitted += 1
+                    self.echo(f"  submitted {shard}" + (f" as {job.provider_job_id}" if job.provider_job_id else
+                                                        f" ({job.state})"))
+
+    def waiting(self) -> list[ledger.JobRow]:
+        """Shards planned and not yet accepted by the provider."""
         with self._database().connect() as conn:
-            # `submitting`: a submit that died before the provider answered; submitting again reconciles
-            # by client token first, and a live submitter holds the shard's lock (the run then skips it)
-            shards = [j.shard_key for j in ledger.list_jobs(conn, flow=self.flow,
-                                                            states=("planned", "exported", "submitting"))]
-        for shard in shards:
-            result = self._execute(self.flow_defs.submit_job.name, partition_key=shard)
-            if result.success:
-                run.submitted.append(shard)
-                self.echo(f"  submitted {shard}")
-            else:
-                run.failed_runs.append(result.run_id)
-                self.echo(f"  submit of {shard} failed (run {result.run_id}); it stays in the ledger for a retry")
+            return ledger.list_jobs(conn, flow=self.flow, states=("planned", "exported", "submitting"))
+
+    def check_budget(self) -> None:
+        """Refuse (`BudgetExceeded`) before any request when the waiting shards' estimate passes a cap."""
+        with self._database().connect() as conn:
+            quota.check_run_budget(conn, flow=self.flow, policy=get_settings().quota_policy())
 
     def tick_status(self, run: FlowRun) -> int:
         """One job-status sensor tick; executes the ingest runs it requests. Returns open jobs left."""
@@ -135,33 +188,63 @@ class FlowRunner:
 
     def run(self, *, limit: int | None = None, wait: bool = False, poll_interval: float = 60.0,
             timeout: float | None = None) -> FlowRun:
+        """Plan and submit what the quota allows; with `wait`, keep the provider's queue full — every
+        round ingests finished jobs and submits waiting shards into the room they freed — and re-plan
+        retryable items, until nothing is open or waiting."""
         run = FlowRun(self.flow)
         started = time.monotonic()
-        max_rounds = get_settings().max_attempts + 1
-        for round_no in range(1, max_rounds + 1):
-            self.echo(f"[{self.flow}] round {round_no}: planning")
-            before = len(run.planned_shards)
-            self.plan(run, limit=limit)
-            self.submit_pending(run)
-            if not wait:
-                return run
-            delay = poll_interval
-            while True:
-                open_jobs = self.tick_status(run)
-                if open_jobs == 0:
-                    break
-                if timeout is not None and time.monotonic() - started > timeout:
-                    self.echo(f"  {open_jobs} jobs still open after {timeout:.0f} s; run `legal-batch "
-                              f"{self.flow} run --wait` again to continue")
+        self.echo(f"[{self.flow}] planning")
+        self.plan(run, limit=limit)
+        self.check_budget()
+        self.submit_pending(run)
+        if not wait:
+            return run
+        replans = 0
+        delay = poll_interval
+        while True:
+            open_jobs = self.tick_status(run)
+            if self.submit_pending(run):
+                open_jobs = self._open_jobs()
+            waiting = self.waiting()
+            if open_jobs == 0 and not waiting:
+                with self._database().connect() as conn:
+                    retryable = ledger.summary(conn, self.flow).items_by_state.get("retryable", 0)
+                if retryable == 0 or replans >= get_settings().max_attempts:
                     return run
-                self.echo(f"  {open_jobs} jobs open; next poll in {delay:.0f} s")
-                time.sleep(delay)
-                delay = min(delay * 1.5, max(poll_interval, 600.0))
-            if len(run.planned_shards) == before and round_no > 1:
-                break
-            with self._database().connect() as conn:
-                retryable = ledger.summary(conn, self.flow).items_by_state.get("retryable", 0)
-            if retryable == 0:
-                break
-            self.echo(f"  {retryable} retryable items: planning them into new shards")
-        return run
+                replans += 1
+                self.echo(f"  {retryable} retryable items: planning them into new shards")
+                self.plan(run, limit=limit)
+                self.submit_pending(run)
+                delay = poll_interval
+                continue
+            if open_jobs == 0 and waiting and all((j.waiting_reason or "").startswith("waiting for budget")
+                                                  for j in waiting):
+                run.budget_blocked = len(waiting)
+                self.echo(f"  {len(waiting)} shards wait for budget: {waiting[0].waiting_reason}")
+                return run
+            if timeout is not None and time.monotonic() - started > timeout:
+                self.echo(f"  {open_jobs} jobs still open, {len(waiting)} shards waiting after {timeout:.0f} s; "
+                          f"run `legal-batch {self.flow} run --wait` again to continue")
+                return run
+            self.echo(f"  {_count(open_jobs, 'job')} open, {_count(len(waiting), 'shard')} waiting"
+                      + (f" ({_why(waiting)})" if waiting else "") + f"; next poll in {delay:.0f} s")
+            time.sleep(delay)
+            # keep polling at the set pace while shards wait for room in the queue; back off otherwise
+            delay = poll_interval if waiting else min(delay * 1.5, max(poll_interval, 600.0))
+
+    def _open_jobs(self) -> int:
+        with self._database().connect() as conn:
+            return len(ledger.list_jobs(conn, flow=self.flow, states=("submitting", "pending", "running")))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _why(waiting: list[ledger.JobRow]) -> str:
+    held = [j for j in waiting if j.waiting_reason]
+    if not held:
+        return "to be submitted"
+    oldest = min((j.waiting_since for j in held if j.waiting_since), default=None)
+    since = f" since {oldest:%H:%M:%S} UTC" if oldest else ""
+    return f"{held[-1].waiting_reason}{since}"

@@ -51,9 +51,11 @@ class ProviderLimits:
     max_bytes_per_file: int
     min_records_per_job: int = 1
     max_embedding_inputs_per_job: int | None = None
-    max_concurrent_jobs: int | None = None
     max_input_tokens: int = 8191
     """Largest single request input (tokens) the model accepts."""
+    quota_kind: Literal["enqueued_tokens", "jobs"] | None = None
+    """What the provider's queue quota counts per model: input tokens of unfinished jobs (OpenAI,
+    Azure OpenAI) or jobs in progress (Bedrock); None when it has no queue quota."""
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,9 @@ HARD_MAX_RECORDS_PER_JOB = 50_000
 DEFAULT_MAX_RECORDS_PER_JOB = 45_000
 MIN_RECORDS_PER_JOB = 100
 MAX_BYTES_PER_FILE = 1024**3
-MAX_CONCURRENT_JOBS = 20
+DEFAULT_MAX_JOBS_IN_PROGRESS = 10
+"""Jobs in progress per model per region assumed when `LEGAL_BATCH_BEDROCK_MAX_JOBS_IN_PROGRESS` is
+unset: AWS documents the quota per model (Service Quotas); its own samples use 10."""
 TITAN_V2_MAX_INPUT_TOKENS = 8_192
 TITAN_V2_DIMENSIONS = (256, 512, 1024)
 DEFAULT_TIMEOUT_HOURS = 72
@@ -244,8 +246,8 @@ class BedrockProvider:
             max_records_per_job=max_records_per_job,
             max_bytes_per_file=MAX_BYTES_PER_FILE,
             min_records_per_job=MIN_RECORDS_PER_JOB,
-            max_concurrent_jobs=MAX_CONCURRENT_JOBS,
             max_input_tokens=TITAN_V2_MAX_INPUT_TOKENS,
+            quota_kind="jobs",
         )
 
     @classmethod
@@ -647,8 +649,9 @@ def _error(exc: Exception, action: str, *, quota: bool = False) -> ProviderError
         code = _code(exc)
         message = exc.response.get("Error", {}).get("Message", "")
         if quota and code in _QUOTA_CODES:
-            return ProviderQuotaError(f"{action}: {code}: {message}; requeued with back-off (Bedrock allows "
-                                      f"{MAX_CONCURRENT_JOBS} concurrent batch jobs per region by default)")
+            return ProviderQuotaError(f"{action}: {code}: {message}; the shard is requeued, not failed (the "
+                                      "jobs-in-progress quota is per model per region; set "
+                                      "LEGAL_BATCH_BEDROCK_MAX_JOBS_IN_PROGRESS to your account's value)")
         if code == "ValidationException":
             return ProviderError(f"{action}: Bedrock refused the request: {message}", retryable=False)
         if code in ("AccessDeniedException", "UnrecognizedClientException"):

@@ -67,6 +67,7 @@ class LocalProvider:
             max_bytes_per_file=200 * 1024 * 1024,
             max_embedding_inputs_per_job=50_000,
             max_input_tokens=8191,
+            quota_kind="enqueued_tokens",
         )
 
     def default_model(self, endpoint: Endpoint) -> str:

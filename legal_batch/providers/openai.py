@@ -533,6 +533,7 @@ class OpenAIProvider(OpenAIStyleProvider):
         max_bytes_per_file=200_000_000,  # "200 MB", read as the smaller decimal megabytes
         max_embedding_inputs_per_job=50_000,
         max_input_tokens=8191,
+        quota_kind="enqueued_tokens",
     )
     DEFAULT_MODELS: ClassVar[dict[str, str]] = {"embeddings": "text-embedding-3-small", "chat": "gpt-4o-mini"}
 

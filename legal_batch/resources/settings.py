@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from dotenv import load_dotenv
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from legal_batch.core.quota import QuotaPolicy
 
 EmbeddingsProvider = Literal["local", "openai", "bedrock"]
 ChatProvider = Literal["local", "azure_openai", "openai", "bedrock"]
@@ -48,6 +52,25 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     poll_interval: float = Field(default=60.0, ge=0, description="Seconds between status polls of `run --wait` "
                                  "(its --poll-interval wins).")
+    openai_enqueued_token_limit: int | None = Field(
+        default=None, gt=0, description="OpenAI: enqueued-token quota per model (your organisation's limits page; "
+        "tier 1: 3,000,000 for text-embedding-3, 2,000,000 for gpt-4o-mini). Unset → learned from refusals.")
+    azure_enqueued_token_limit: int | None = Field(
+        default=None, gt=0, description="Azure OpenAI Global Batch: enqueued-token quota per deployment. Unset → "
+        "learned from refusals.")
+    bedrock_max_jobs_in_progress: int = Field(
+        default=10, gt=0, description="Bedrock: batch jobs in progress per model per region (Service Quotas).")
+    local_enqueued_token_limit: int | None = Field(
+        default=None, gt=0, description="local provider: an enqueued-token quota to schedule under (rehearsals).")
+    quotas: dict[str, int] = Field(
+        default_factory=dict, description='Queue quotas per provider or provider/model, JSON, e.g. '
+        '{"openai/text-embedding-3-large": 500000000, "bedrock": 20}; wins over the per-provider settings.')
+    quota_margin: float = Field(default=0.05, ge=0, lt=1, description="Share of an enqueued-token quota kept free.")
+    shards_per_quota: int = Field(default=4, ge=1, description="Shards are cut to at most quota / this many tokens, "
+                                  "so several are in flight and the queue refills as each finishes.")
+    budget_usd: str | None = Field(
+        default=None, description='Spend cap in USD: a number for all flows together, or JSON per flow, e.g. '
+        '{"embeddings": 20, "headnotes": 150, "*": 160}.')
     s3_bucket: str | None = None
     s3_prefix: str = "legal-batch"
     bedrock_role_arn: str | None = None
@@ -61,17 +84,58 @@ class Settings(BaseSettings):
     headnote_max_chars: int = Field(default=150_000, description="Judgment text is cut at a paragraph boundary here.")
     headnote_max_tokens: int = 600
     headnote_temperature: float = 0.1
+    headnote_min_citation_rate: float = Field(default=0.5, ge=0, le=1, description="Check: citation mention floor.")
     headnote_overwrite: bool = Field(default=False, description="Also regenerate existing headnotes.")
     headnote_overwrite_before: datetime | None = Field(
         default=None, description="With overwrite: regenerate headnotes generated before this instant "
         "(unset → before this process started); `legal-batch headnotes run --overwrite` sets it."
     )
 
+    @field_validator("budget_usd")
+    @classmethod
+    def _valid_budget(cls, value: str | None) -> str | None:
+        _budgets(value)
+        return value
+
+    def quota_policy(self) -> QuotaPolicy:
+        """The submit gate's configuration: queue quotas, margin and spend caps."""
+        configured: dict[str, int] = {"bedrock": self.bedrock_max_jobs_in_progress}
+        names = {"bedrock": "LEGAL_BATCH_BEDROCK_MAX_JOBS_IN_PROGRESS"}
+        for provider, value, name in (("openai", self.openai_enqueued_token_limit, "OPENAI_ENQUEUED_TOKEN_LIMIT"),
+                                      ("azure_openai", self.azure_enqueued_token_limit, "AZURE_ENQUEUED_TOKEN_LIMIT"),
+                                      ("local", self.local_enqueued_token_limit, "LOCAL_ENQUEUED_TOKEN_LIMIT")):
+            if value is not None:
+                configured[provider] = value
+                names[provider] = f"LEGAL_BATCH_{name}"
+        for key, value in self.quotas.items():
+            configured[key] = int(value)
+            names[key] = f"LEGAL_BATCH_QUOTAS[{key!r}]"
+        return QuotaPolicy(configured=configured, setting_names=names, margin=self.quota_margin,
+                           shards_per_quota=self.shards_per_quota, budget_usd=_budgets(self.budget_usd),
+                           retry_after_s=self.poll_interval)
+
     @property
     def home_dir(self) -> Path:
         path = self.home.expanduser().resolve()
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _budgets(value: str | None) -> dict[str, Decimal]:
+    """`LEGAL_BATCH_BUDGET_USD`: a number (all flows) or a JSON object of flow → USD (`*` = all)."""
+    if value is None or not value.strip():
+        return {}
+    text = value.strip()
+    try:
+        parsed = json.loads(text) if text.startswith("{") else {"*": text}
+        budgets = {str(k): Decimal(str(v)) for k, v in parsed.items()}
+    except (ValueError, ArithmeticError, AttributeError) as exc:
+        raise ValueError(f"LEGAL_BATCH_BUDGET_USD={value!r} is neither a number of USD nor a JSON object of flow → "
+                         'USD, e.g. 25 or {"embeddings": 20, "headnotes": 150}') from exc
+    negative = [k for k, v in budgets.items() if v < 0 or not v.is_finite()]
+    if negative:
+        raise ValueError(f"LEGAL_BATCH_BUDGET_USD={value!r}: the cap for {negative[0]} must be a finite amount ≥ 0")
+    return budgets
 
 
 @lru_cache(maxsize=1)

@@ -29,6 +29,14 @@ the unanswered lines in the error file as ``batch_expired``; a finished cancella
 first ``cancel_completed_fraction`` of the lines (default none) and leaves the rest out of both
 files, so consumers must requeue whatever has no result. Batch lists are per flavour (an Azure
 client does not see OpenAI batches); files and batch ids are shared.
+
+Enqueued-token quota (``enqueued_token_limit``, per model or for every model): as the services
+document it, ``POST /batches`` does not refuse a batch over the quota — the batch is created and
+fails with ``errors.data[].code == "token_limit_exceeded"`` when it leaves ``validating`` (or at
+once, with ``quota_check="create"``), with OpenAI's message "Enqueued token limit reached for
+<model> in organization <org>. Limit: <n> enqueued tokens. ..." (``quota_states_limit=False``
+drops the limit from the message). The input tokens of a model's batches in ``in_progress`` and
+``finalizing`` count against it, with exact cl100k token counts.
 """
 
 from __future__ import annotations
@@ -406,6 +414,11 @@ class OpenAIBatchEmulator:
             "openai": OPENAI_BATCH_ENDPOINTS,
             "azure": AZURE_BATCH_ENDPOINTS,
         }
+        self.enqueued_token_limit: int | dict[str, int] | None = None
+        """Enqueued-token quota: one limit for every model, or per model; None = no quota."""
+        self.quota_check: Literal["validation", "create"] = "validation"
+        self.quota_states_limit = True
+        self.quota_refusals = 0
         self._lock = threading.RLock()
         self._faults: list[_Rule] = []
         self._delays: list[_Rule] = []
@@ -505,7 +518,7 @@ class OpenAIBatchEmulator:
             batch = self._batch(batch_id)
             status = batch["status"]
             if status == "validating":
-                errors = self._validate(batch)
+                errors = self._validate(batch) or self._over_quota(batch)
                 if errors:
                     self._fail(batch, errors)
                 else:
@@ -794,6 +807,10 @@ class OpenAIBatchEmulator:
                 "_processed": False,
             }
             self.batches[batch["id"]] = batch
+            if self.quota_check == "create" and self.enqueued_token_limit is not None:
+                errors = self._over_quota(batch)
+                if errors:
+                    self._fail(batch, errors)
             return self._public(batch)
 
     def _api_get_batch(self, ctx: _Context) -> JSON:
@@ -981,6 +998,48 @@ class OpenAIBatchEmulator:
         batch["model"] = model
         batch["request_counts"] = {"total": lines, "completed": 0, "failed": 0}
         return errors
+
+    def enqueued_tokens(self, model: str, *, excluding: str | None = None) -> int:
+        """Input tokens of the model's batches the quota counts (in progress or finalizing)."""
+        with self._lock:
+            return sum(self._input_tokens(b) for b in self.batches.values()
+                       if b["id"] != excluding and b["status"] in ("in_progress", "finalizing")
+                       and self._model_of(b) == model)
+
+    def _model_of(self, batch: JSON) -> str | None:
+        if batch.get("_requests") is None:
+            self._validate(batch)
+        return batch.get("model")
+
+    def _input_tokens(self, batch: JSON) -> int:
+        if "_input_tokens" not in batch:
+            from legal_batch.core.tokens import count_tokens
+
+            total = 0
+            for request in self._requests_of(batch):
+                body = request.get("body") or {}
+                value = body.get("input")
+                texts = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+                texts += [_text_of(m.get("content")) for m in body.get("messages") or [] if isinstance(m, dict)]
+                total += sum(count_tokens(t) for t in texts if isinstance(t, str))
+            batch["_input_tokens"] = total
+        return int(batch["_input_tokens"])
+
+    def _over_quota(self, batch: JSON) -> list[JSON]:
+        """``token_limit_exceeded`` when this batch would pass the model's enqueued-token quota."""
+        model = self._model_of(batch)
+        limit = self.enqueued_token_limit
+        if isinstance(limit, dict):
+            limit = limit.get(model or "")
+        if limit is None or model is None:
+            return []
+        if self.enqueued_tokens(model, excluding=batch["id"]) + self._input_tokens(batch) <= limit:
+            return []
+        self.quota_refusals += 1
+        stated = f" Limit: {limit:,} enqueued tokens." if self.quota_states_limit else ""
+        return [{"code": "token_limit_exceeded", "line": None, "param": None,
+                 "message": f"Enqueued token limit reached for {model} in organization org-emulator.{stated} "
+                            "Please try again once some in_progress batches have been completed."}]
 
     def _requests_of(self, batch: JSON) -> list[JSON]:
         """The valid request lines, validating first if the batch skipped ``validating``."""

@@ -208,7 +208,7 @@ def test_sensors_plan_submit_and_request_one_ingest_run_per_finished_job(lb_env,
     job = ledger.list_jobs(conn, flow="embeddings")[0]
     planned = EMB.planner_sensor(dg.build_sensor_context(instance=dagster_instance, resources=defs.resources))
     assert [(r.job_name, r.partition_key, r.run_key) for r in planned.run_requests] == [
-        ("embedding_submit_job", job.shard_key, f"submit:{job.shard_key}:0:")]
+        ("embedding_submit_job", job.shard_key, f"submit:{job.shard_key}:{job.updated_at.isoformat()}")]
 
     defs.resolve_job_def("embedding_submit_job").execute_in_process(
         instance=dagster_instance, partition_key=job.shard_key)

@@ -29,21 +29,3 @@ def test_a_shard_under_the_minimum_is_served_in_real_time_at_the_real_time_price
     assert not (Path(lb_env.home_dir) / "lp").exists(), "no batch job was created"
     assert conn.execute("SELECT count(*) FROM case_embeddings").fetchone()[0] == chunks
     assert batch.submit_shard(conn, flow, provider, job.shard_key).message.startswith("already ingested")
-
-
-def test_submits_wait_while_the_provider_has_its_maximum_of_jobs_open(lb_env, conn):
-    seed_demo_cases(conn, cases=3)
-    sync_chunks(conn, max_tokens=512, overlap_tokens=64)
-    provider = LocalProvider(Path(lb_env.home_dir) / "lp", max_records_per_job=20)
-    provider.limits = dataclasses.replace(provider.limits, max_concurrent_jobs=2)
-    flow = EmbeddingsFlow(model="local-lexical-v1")
-    batch.plan(conn, flow, provider, model="local-lexical-v1")
-    jobs = ledger.list_jobs(conn, flow="embeddings")
-    assert len(jobs) >= 3
-    outcomes = []
-    for job in jobs[:3]:
-        batch.write_request_file(conn, flow, provider, job.shard_key, files_root=Path(lb_env.home_dir) / "files")
-        outcomes.append(batch.submit_shard(conn, flow, provider, job.shard_key))
-    assert [o.state for o in outcomes] == ["pending", "pending", "exported"]
-    assert "limit 2 concurrent jobs" in outcomes[2].message
-    assert len(list((Path(lb_env.home_dir) / "lp").glob("local-*"))) == 2

@@ -143,7 +143,7 @@ def test_from_settings_validates_bucket_role_and_prefix(
     assert provider.s3.meta.endpoint_url == emulator.s3_endpoint_url
     limits = provider.limits
     assert (limits.max_records_per_job, limits.min_records_per_job, limits.max_bytes_per_file,
-            limits.max_concurrent_jobs, limits.max_input_tokens) == (45_000, 100, 1024**3, 20, 8192)
+            limits.quota_kind, limits.max_input_tokens) == (45_000, 100, 1024**3, "jobs", 8192)
     assert provider.request_key("embeddings-00007-ab") == "legal-batch/requests/embeddings-00007-ab.jsonl"
     with pytest.raises(ProviderError, match="shard key"):
         provider.request_key("../../etc")

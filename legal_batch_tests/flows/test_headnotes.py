@@ -445,6 +445,36 @@ def test_openai_answers_cut_off_empty_or_refused_are_not_written(openai_emu, con
     assert written["[2021] HKDC 1"][0] is None
 
 
+@pytest.mark.parametrize(("min_rate", "passed"), [(None, False), ("0.25", True)], ids=["default 0.5", "0.25"])
+def test_headnotes_that_drop_the_citation_fail_the_citation_check(openai_emu, conn, dagster_instance, monkeypatch,
+                                                                   min_rate, passed):
+    if min_rate is not None:
+        monkeypatch.setenv("LEGAL_BATCH_HEADNOTE_MIN_CITATION_RATE", min_rate)
+        get_settings(fresh=True)
+    for n in range(1, 5):
+        add_case(conn, f"[2020] HKCFI {n}", judgment(f"[2020] HKCFI {n}", 3))
+
+    def respond(body: dict) -> dict:
+        user = body["messages"][1]["content"]
+        text = extractive_headnote(user)
+        if "[2020] HKCFI 1\n" in user:
+            return chat_answer(body, content=text)
+        citation = next(f"[2020] HKCFI {n}" for n in range(2, 5) if f"[2020] HKCFI {n}\n" in user)
+        return chat_answer(body, content=text.replace(citation, "the judgment"))
+
+    openai_emu.responder = respond
+    drive(conn, dagster_instance)
+
+    assert items(conn) == {"done": 4}
+    citation = check(dagster_instance, "headnotes_cite_neutral_citation")
+    assert citation.passed is passed and citation.severity == dg.AssetCheckSeverity.WARN
+    assert citation.metadata["mention_rate"].value == 0.25
+    assert citation.metadata["min_mention_rate"].value == (0.5 if min_rate is None else 0.25)
+    assert citation.metadata["mention_citation"].value == 1
+    assert sorted(citation.metadata["examples_missing"].value) == ["[2020] HKCFI 2", "[2020] HKCFI 3",
+                                                                   "[2020] HKCFI 4"]
+
+
 # -- Bedrock Claude -------------------------------------------------------------------------------------
 
 def claude_answer(model_id: str, model_input: dict) -> dict:

@@ -80,7 +80,9 @@ def estimate_candidates(context: dg.AssetExecutionContext, conn: psycopg.Connect
 
 
 def check_headnotes(conn: psycopg.Connection, job: ledger.JobRow) -> list[dg.AssetCheckResult]:
-    return headnote_checks(conn, job, max_tokens=get_settings().headnote_max_tokens)
+    settings = get_settings()
+    return headnote_checks(conn, job, max_tokens=settings.headnote_max_tokens,
+                           min_citation_rate=settings.headnote_min_citation_rate)
 
 
 DEFS = build_flow_definitions(

@@ -23,8 +23,8 @@ length_spec = dg.AssetCheckSpec(
 )
 citation_spec = dg.AssetCheckSpec(
     "headnotes_cite_neutral_citation", asset=RESULTS,
-    description="Share of the shard's headnotes that mention their case's neutral citation, reported as "
-                "metadata (informational: never fails the shard).",
+    description="At least LEGAL_BATCH_HEADNOTE_MIN_CITATION_RATE (default 0.5) of the shard's headnotes whose "
+                "case has a neutral citation mention it (warning: a model that drops the citation).",
 )
 cost_spec = dg.AssetCheckSpec(
     "shard_cost_within_estimate", asset=RESULTS,
@@ -40,8 +40,13 @@ _WRITTEN = (
 )
 
 
-def headnote_checks(conn: psycopg.Connection, job: JobRow, *, max_tokens: int) -> list[dg.AssetCheckResult]:
-    """The three checks above, for one ingested shard."""
+def headnote_checks(conn: psycopg.Connection, job: JobRow, *, max_tokens: int,
+                    min_citation_rate: float) -> list[dg.AssetCheckResult]:
+    """The three checks above, for one ingested shard.
+
+    The citation check fails when fewer than ``min_citation_rate`` (0..1) of the headnotes whose
+    case has a neutral citation mention it; with no such headnote there is nothing to fail.
+    """
     params = {"job": job.id, "model": job.model, "since": job.created_at}
     written, empty, short, long, cited, with_citation = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE btrim(k.headnote) = ''),"
@@ -66,9 +71,11 @@ def headnote_checks(conn: psycopg.Connection, job: JobRow, *, max_tokens: int) -
                       f"over_{MAX_CHARS}_chars": long},
         ),
         dg.AssetCheckResult(
-            check_name=citation_spec.name, passed=True,
+            check_name=citation_spec.name, passed=rate is None or rate >= min_citation_rate,
+            severity=dg.AssetCheckSeverity.WARN,
             metadata={"headnotes_with_known_citation": with_citation, "mention_citation": cited,
                       "mention_rate": float(round(rate, 4)) if rate is not None else dg.MetadataValue.text("n/a"),
+                      "min_mention_rate": float(min_citation_rate),
                       "examples_missing": dg.MetadataValue.json(missing)},
         ),
         _cost_check(job, max_tokens=max_tokens),

@@ -1,9 +1,22 @@
 """Pull the JSON object out of real model output.
 
 Models wrap JSON in prose and markdown fences, continue after an assistant prefill such as
-``{``, use typographic quotes (“ ” ‘ ’ „ « ») as string delimiters and leave trailing commas.
-:func:`extract_json_object` tries each ``{`` in turn: first as strict JSON, then through a
-repair pass that fixes those habits. Truncated output is reported as such, never half-parsed.
+``{``, use typographic quotes (“ ” ‘ ’ „ « ») as string delimiters, leave trailing commas and
+raw newlines in strings. :func:`extract_json_object` tries each ``{`` in turn, each reading
+parsed as strict JSON:
+
+1. as written;
+2. with the lossless fixes only: a comma right before ``}`` or ``]`` dropped, raw control
+   characters inside strings escaped;
+3. with those fixes and every typographic quote read as an ASCII quote, the only characters the
+   repair ever replaces.
+
+The repair never guesses which quote is text: reading 3 is exactly the response with
+typographic quotes as ASCII quotes, so it has that reading's structure or fails to parse. A
+typographic quote used as text (an apostrophe, „quoted“ words) in a response that needs reading
+3, an unescaped ASCII quote inside a string, or ``NaN``/``Infinity`` (not JSON numbers) make the
+response ``json_failed``, never an object with keys or values made of the structure around them.
+Truncated output is reported as such, never half-parsed.
 """
 
 from __future__ import annotations
@@ -16,8 +29,9 @@ import orjson
 
 __all__ = ["ParsedResponse", "extract_json_object", "parse_response"]
 
-# Quotes a model may use where JSON needs `"`.
-_TYPOGRAPHIC_QUOTES = frozenset("“”„‟‘’‚‛«»‹›")
+# Quotes a model may use where JSON needs `"`; the repair reads each of them as `"`.
+_TYPOGRAPHIC_QUOTES = frozenset("“”„‟‘’‚‛«»‹›〝〞＂")
+_AS_ASCII_QUOTES = str.maketrans(dict.fromkeys(_TYPOGRAPHIC_QUOTES, '"'))
 _FENCE = re.compile(r"```[A-Za-z]*[ \t]*\n?(.*?)```", re.DOTALL)
 _SNIPPET_CHARS = 80
 
@@ -76,20 +90,28 @@ def _first_object(text: str) -> tuple[dict[str, Any] | None, str]:
     start = text.find("{")
     if start == -1:
         return None, "no JSON object in response"
+    # One character for one: indexes into `as_ascii` are indexes into `text`.
+    as_ascii = text.translate(_AS_ASCII_QUOTES)
     while start != -1:
         strict_end = _balanced_end(text, start)
         if strict_end is not None:
-            data = _loads(text[start:strict_end])
-            if data is not None:
-                return data, ""
-        repaired, repaired_end = _repair(text, start)
-        if repaired is not None:
+            for candidate in (text[start:strict_end], _repair(text, start)[0] or ""):
+                data = _loads(candidate)
+                if data is not None:
+                    return data, ""
+        repaired, repaired_end = _repair(as_ascii, start)
+        end = strict_end
+        if (repaired is not None and repaired_end is not None
+                and _may_end_at(text, start, repaired_end, strict_end)):
             data = _loads(repaired)
             if data is not None:
                 return data, ""
-        end = repaired_end or strict_end
+            end = repaired_end
         if end is None:
             # Everything after `start` sits inside an object that never closes.
+            if text.rstrip().rstrip("`").rstrip().endswith("}"):
+                return None, ("JSON object never closes though the response ends with '}' "
+                              "(an unescaped quote in a string?)")
             return None, "JSON object never closes (truncated output? raise the output token limit)"
         start = text.find("{", end)
     return None, "malformed JSON object in response"
@@ -119,15 +141,43 @@ def _balanced_end(text: str, start: int) -> int | None:
     return None
 
 
-def _repair(text: str, start: int) -> tuple[str | None, int | None]:
-    """Rewrite the object starting at ``start`` into strict JSON.
+def _may_end_at(text: str, start: int, end: int, strict_end: int | None) -> bool:
+    """Whether the repaired object, ``text[start:end]``, may end there.
 
-    - Outside a string, an ASCII or typographic quote opens one and becomes ``"``.
-    - Inside a string, an ASCII or typographic quote closes it (and becomes ``"``) only where
-      JSON could continue after it (see :func:`_closes_string`); otherwise it is text: an ASCII
-      quote is escaped, a typographic one kept as it is. The closing quotes of valid JSON
-      always pass that test, so they are left as they are.
-    - Raw control characters inside strings are escaped; a comma before ``}`` or ``]`` is dropped.
+    Not before the end of the object the ASCII quotes alone delimit (``strict_end``), and not on
+    a ``}`` inside a string that ASCII quotes open and close: there a typographic quote read as a
+    delimiter (an apostrophe before `` }``) would cut the object short and drop the rest.
+    """
+    if strict_end is not None and end < strict_end:
+        return False
+    closing = end - 1
+    in_string = escaped = False
+    for index in range(start, len(text)):
+        char = text[index]
+        if index >= closing and not in_string:
+            return True
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+                if index > closing:
+                    return False
+        elif char == '"':
+            in_string = True
+    return True
+
+
+def _repair(text: str, start: int) -> tuple[str | None, int | None]:
+    """The object starting at ``start`` of ``text`` (as written, or with typographic quotes read
+    as ASCII quotes), with the lossless fixes a strict parser needs and nothing else.
+
+    Strings are delimited exactly as JSON delimits them (every unescaped ``"`` opens or closes
+    one). Inside strings raw control characters are escaped; outside them a comma right before
+    ``}`` or ``]`` is dropped. No quote is escaped, moved or guessed at, so the result has the
+    structure of the reading it came from, or fails to parse.
 
     Returns the repaired object text and the index just past it, or ``(None, None)`` when the
     object never closes.
@@ -139,9 +189,9 @@ def _repair(text: str, start: int) -> tuple[str | None, int | None]:
     while index < len(text):
         char = text[index]
         if not in_string:
-            if char == '"' or char in _TYPOGRAPHIC_QUOTES:
+            if char == '"':
                 in_string = True
-                out.append('"')
+                out.append(char)
             elif char == "," and _next_significant(text, index + 1)[0] in {"}", "]"}:
                 pass
             else:
@@ -155,45 +205,15 @@ def _repair(text: str, start: int) -> tuple[str | None, int | None]:
         elif char == "\\":
             out.append(text[index : index + 2])
             index += 1
-        elif char == '"' or char in _TYPOGRAPHIC_QUOTES:
-            if _closes_string(text, index + 1):
-                out.append('"')
-                in_string = False
-            else:
-                out.append('\\"' if char == '"' else char)
+        elif char == '"':
+            in_string = False
+            out.append(char)
         elif char < " ":
             out.append(orjson.dumps(char).decode()[1:-1])
         else:
             out.append(char)
         index += 1
     return None, None
-
-
-def _closes_string(text: str, index: int) -> bool:
-    """Whether a quote just before ``index`` can end a JSON string.
-
-    True when what follows is the end, ``}``/``]``, ``,`` then a value or key, or ``:`` then a
-    value; after a valid JSON string that is always the case.
-    """
-    char, index = _next_significant(text, index)
-    if char in {"", "}", "]"}:
-        return True
-    if char == ",":
-        following, index = _next_significant(text, index + 1)
-        return following in {"}", "]"} or _starts_value(text, index)
-    if char == ":":
-        return _starts_value(text, _next_significant(text, index + 1)[1])
-    return False
-
-
-def _starts_value(text: str, index: int) -> bool:
-    char = text[index : index + 1]
-    return bool(char) and (
-        char in '"{[-'
-        or char in _TYPOGRAPHIC_QUOTES
-        or char.isdigit()
-        or text.startswith(("true", "false", "null"), index)
-    )
 
 
 def _next_significant(text: str, index: int) -> tuple[str, int]:

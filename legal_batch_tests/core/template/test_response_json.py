@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from legal_batch.core.template.response_json import extract_json_object, parse_response
+from legal_batch.core.template.results import result_columns_for
+from legal_batch.core.template.schema import schema_to_model
 
 # (id, response text, prefill, expected object or None)
 CASES = [
@@ -54,12 +56,6 @@ CASES = [
         {"verdict": "upheld", "n": 2},
     ),
     (
-        "typographic quotes inside a typographic string are kept",
-        "{“summary”: “The judge called it „unfair“ and the parties’ view «weak»”}",
-        "",
-        {"summary": "The judge called it „unfair“ and the parties’ view «weak»"},
-    ),
-    (
         "typographic quotes inside a valid ASCII string are untouched",
         '{"summary": "the court’s “narrow” reading, ‘obiter’", "ok": true}',
         "",
@@ -71,23 +67,31 @@ CASES = [
         "",
         {"verdict": "upheld", "n": 1},
     ),
+    ("mixed delimiters, odd number of ASCII quotes", '{"verdict”: “upheld”}', "", {"verdict": "upheld"}),
     (
-        "unescaped ASCII quotes inside a value",
-        '{"summary": "He said "stop" and left", "n": 1}',
+        "typographic quotes around keys, ASCII around values",
+        '{“verdict”: "upheld", ‘court’: "Court of Appeal"}',
         "",
-        {"summary": 'He said "stop" and left', "n": 1},
+        {"verdict": "upheld", "court": "Court of Appeal"},
     ),
     (
-        "unescaped ASCII quotes followed by a comma and prose",
-        '{"summary": "He said "stop", then left", "note": "see "Art. 5": it applies"}',
+        "braces and a colon inside typographic strings",
+        "{“note”: “use {braces} and } : here”, “n”: 1}",
         "",
-        {"summary": 'He said "stop", then left', "note": 'see "Art. 5": it applies'},
+        {"note": "use {braces} and } : here", "n": 1},
     ),
     (
-        "typographic quote then comma and prose inside a typographic string",
-        "{“summary”: “He said “stop”, then left”}",
+        "typographic delimiters and a trailing comma",
+        "Answer:\n{“verdict”: “upheld”, “judges”: [“A”, “B”,],}\nDone.",
         "",
-        {"summary": "He said “stop”, then left"},
+        {"verdict": "upheld", "judges": ["A", "B"]},
+    ),
+    ("low-9 and guillemet delimiters", "{„verdict“: «upheld»}", "", {"verdict": "upheld"}),
+    (
+        "typographic quotes as text, a trailing comma and a raw newline in ASCII strings",
+        '{"summary": "the court’s “narrow”\nreading", "n": 1,}',
+        "",
+        {"summary": "the court’s “narrow”\nreading", "n": 1},
     ),
     (
         "trailing commas in objects and arrays",
@@ -133,6 +137,56 @@ CASES = [
 @pytest.mark.parametrize(("text", "prefill", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_extract_json_object(text: str, prefill: str, expected: dict | None) -> None:
     assert extract_json_object(text, prefill=prefill) == expected
+
+
+# (id, response text, prefill): responses built to fool the repair into a success. Each is
+# json_failed: no number that JSON lacks, no key or value made of the structure around it, no
+# object cut short where a typographic quote is read as a delimiter.
+HOSTILE = [
+    ("NaN", '{"a": NaN, "b": "x"}', ""),
+    ("NaN between strings", '{"a": "x", "b": NaN, "c": "y"}', ""),
+    ("NaN after a prefill", '"a": NaN, "b": "x"}', "{"),
+    ("Infinity", '{"score": Infinity}', ""),
+    ("-Infinity", '{"score": -Infinity, "n": 1}', ""),
+    ("lower-case nan", '{"verdict": "upheld", "score": nan}', ""),
+    ("NaN in an array", '{"a": 1, "b": [NaN]}', ""),
+    ("NaN beside a valid inner object", '{"outer": {"b": 1}, "a": NaN}', ""),
+    ("NaN in a fence", 'Here:\n```json\n{"a": NaN, "b": "x"}\n```', ""),
+    ("NaN with typographic delimiters", "{“a”: NaN, “b”: “x”}", ""),
+    ("unescaped quotes inside a value", '{"summary": "He said "stop" and left", "n": 1}', ""),
+    ("unescaped quote then a comma and prose", '{"summary": "He said "stop", then left"}', ""),
+    ("unescaped quote then a colon", '{"note": "see "Art. 5": it applies"}', ""),
+    ("unescaped quote then a comma and a key", '{"summary": "cites "x", "y": "z"}', ""),
+    ("unescaped quote then a comma and a value", '{"summary": "He said "stop", "n": 1}', ""),
+    ("typographic quote then a comma inside a typographic string", "{“summary”: “He said “stop”, then left”}", ""),
+    ("typographic quotes as text inside a typographic string",
+     "{“summary”: “The judge called it „unfair“ and the parties’ view «weak»”}", ""),
+    ("apostrophe inside a typographic key", "{“court’s view”: “upheld”}", ""),
+    ("apostrophe inside a single-quoted value", "{‘verdict’: ‘the court’s view’}", ""),
+    ("typographic delimiters around an unescaped ASCII quote", '{"summary": “He said "stop", then left”}', ""),
+    ("apostrophe then a brace inside an ASCII string", '{"note": "the parties’ }", "x": NaN}', ""),
+    ("apostrophe then a brace, object never closes",
+     '{"note": "the parties’ }", "x": {"y": 1}, "z": "cut off}', ""),
+    ("apostrophe inside an ASCII string, a trailing comma and NaN", '{"summary": "the court’s view", "n": NaN,}', ""),
+]
+
+
+@pytest.mark.parametrize(("text", "prefill"), [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
+def test_responses_built_to_fool_the_repair_are_json_failed(text: str, prefill: str) -> None:
+    parsed = parse_response(text, prefill=prefill)
+    assert (parsed.data, parsed.parse_status) == (None, "json_failed")
+    assert parsed.error and (parsed.error.startswith(("malformed JSON object", "JSON object never closes")))
+
+
+def test_a_hostile_response_is_not_written_as_a_success_with_optional_fields() -> None:
+    model = schema_to_model({"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "string"}}})
+    row = result_columns_for('{"a": NaN, "b": "x"}', None, model, ["a", "b"])
+    assert (row["llm_parse_status"], row["llm_a"], row["llm_b"]) == ("json_failed", None, None)
+
+
+def test_an_unescaped_quote_is_not_called_truncation() -> None:
+    parsed = parse_response('{"summary": "He said "stop", "n": 1}')
+    assert parsed.error is not None and "unescaped quote" in parsed.error and "truncated" not in parsed.error
 
 
 def test_valid_json_is_returned_exactly_as_parsed() -> None:

@@ -37,16 +37,8 @@ SHARD_RECORDS = "25"  # two shards: the crash hits the first, the second is unto
 PARALLEL = 4
 
 
-def _openai_unusable() -> str | None:
-    try:
-        from legal_batch.providers.openai import OpenAIProvider  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the providers issue
-        return f"legal_batch.providers.openai is not importable ({exc}); the OpenAI crash scenarios need it"
-    return None
-
-
 OPENAI_POINTS = ("after_job_row", "after_provider_accepted")
-SCENARIOS = [("local", p) for p in POINTS] + ([] if _openai_unusable() else [("openai", p) for p in OPENAI_POINTS])
+SCENARIOS = [("local", p) for p in POINTS] + [("openai", p) for p in OPENAI_POINTS]
 
 
 @dataclass
@@ -131,9 +123,8 @@ def test_local_provider_resumes_after_a_kill_at(scenario_conn) -> None:
     assert assert_each_item_in_one_local_job(scenario.home, conn) == chunks
 
 
-@pytest.mark.skipif(bool(_openai_unusable()), reason=str(_openai_unusable()))
-@pytest.mark.parametrize("scenario_conn", [s for s in SCENARIOS if s[0] == "openai"] or [("openai", "none")],
-                         indirect=True, ids=lambda s: s[1])
+@pytest.mark.parametrize("scenario_conn", [s for s in SCENARIOS if s[0] == "openai"], indirect=True,
+                         ids=lambda s: s[1])
 def test_openai_provider_resumes_after_a_kill_at(scenario_conn) -> None:
     scenario, conn = scenario_conn
     _assert_killed_then_recovered(scenario, conn)

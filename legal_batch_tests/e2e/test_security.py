@@ -23,6 +23,7 @@ from legal_batch.core.seed import seed_demo_cases
 from legal_batch.definitions import FLOWS_BY_NAME, defs
 from legal_batch.flows.runner import FlowRun, FlowRunner
 from legal_batch.providers.base import ProviderError
+from legal_batch.providers.bedrock import JOB_NAME_RE, BedrockProvider, job_name_for
 from legal_batch.providers.local import LocalProvider
 from legal_batch.resources.providers import make_provider
 from legal_batch.resources.settings import get_settings
@@ -223,10 +224,6 @@ def test_shard_keys_job_names_s3_keys_and_job_ids_are_validated(lb_env, conn) ->
     for hostile in ("../../etc/passwd", "local-../../x", "local-a/b", "/tmp/x"):
         with pytest.raises(ProviderError, match="not a local provider job id"):
             provider.poll(hostile)
-    try:
-        from legal_batch.providers.bedrock import JOB_NAME_RE, BedrockProvider, job_name_for
-    except ImportError:  # pragma: no cover - depends on the providers issue
-        pytest.skip("legal_batch.providers.bedrock is not importable")
     bedrock = BedrockProvider(s3=None, bedrock=None, runtime=None, bucket="lb-security",
                               role_arn="arn:aws:iam::123456789012:role/legal-batch")
     for hostile in ("../secrets", "a/../../b", "x/y", "..", "shard key", "k\n/evil"):

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+class RunFailed(RuntimeError):
+    """A Dagster run the command needed failed; the message carries the failed step's own error (one
+    line) and the run id, whose logs in `dagster dev` hold the rest."""
+
+
 class UserError(ValueError):
     """A setting or argument that cannot be used as given.
 

@@ -31,6 +31,7 @@ from typing import Literal
 import psycopg
 
 from legal_batch.core.cost import price
+from legal_batch.core.errors import UserError
 
 QuotaKind = Literal["enqueued_tokens", "jobs"]
 QuotaSource = Literal["configured", "stated", "learned"]
@@ -48,8 +49,11 @@ class QuotaTooSmall(ValueError):
     """A single request needs more of the queue than the provider's whole quota: no shard can hold it."""
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(UserError):
     """A run's estimate exceeds what is left of the spend cap; nothing was submitted."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=3)
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,25 @@ def record_refusal(conn: psycopg.Connection, *, job_id: int, provider: str, mode
     return Learned(after, changed, note)
 
 
+def note_accepted(conn: psycopg.Connection, *, provider: str, model: str) -> None:
+    """The provider accepted a job of ours. A limit we only guessed (`learned`: halved, or bounded
+    from a refusal that stated no figure) may be too low — the queue would then stay part-empty
+    for ever —, so while our queue stands at that guess, raise it by an eighth: the next refusal,
+    if any, bounds it again (additive increase, bounded decrease). Stated and configured limits
+    are never probed."""
+    row = conn.execute("SELECT kind, limit_value FROM provider_quotas WHERE provider = %s AND model = %s"
+                       " AND source = 'learned' AND limit_value IS NOT NULL FOR UPDATE", (provider, model)).fetchone()
+    if row is None:
+        return
+    kind, limit = row
+    now = queued(conn, provider=provider, model=model)
+    used = now.jobs if kind == "jobs" else now.tokens
+    if used >= 0.9 * limit * (1 if kind == "jobs" else 0.95):
+        raised = limit + (1 if kind == "jobs" else max(1, limit // 8))
+        conn.execute("UPDATE provider_quotas SET limit_value = %s, updated_at = now() WHERE provider = %s"
+                     " AND model = %s AND kind = %s", (raised, provider, model, kind))
+
+
 def refusal_backoff(job_refusals: int, *, learned: Learned, retry_after: float | None,
                     policy: QuotaPolicy) -> datetime | None:
     """When a refused shard may be tried again: at once (the gate now knows the quota and waits
@@ -388,9 +411,11 @@ class QueueView:
         text = (f"{self.provider}/{self.model}: {used:,} of {limit} {unit} queued ({self.source or 'no quota'}"
                 f"{f', {self.refusals} refusals' if self.refusals else ''}); {self.waiting_shards} shards "
                 f"({self.waiting_tokens:,} tokens) waiting")
-        if self.waiting_reason:
+        reason = self.waiting_reason or ("waiting for room in the queue" if self.waiting_shards and self.limit
+                                         else None)
+        if reason:
             since = f" since {self.waiting_since:%Y-%m-%d %H:%M:%S} UTC" if self.waiting_since else ""
-            text += f" — {self.waiting_reason}{since}"
+            text += f" — {reason}{since}"
         eta = self.eta
         if eta is not None:
             text += f"; finish expected in ~{_human(eta)} at {self.tokens_per_s:,.0f} tokens/s"

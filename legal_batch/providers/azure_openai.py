@@ -22,6 +22,7 @@ import openai
 
 from legal_batch.providers import openai_format
 from legal_batch.providers.base import (
+    QUOTA_KINDS,
     Endpoint,
     ProviderError,
     ProviderLimits,
@@ -47,7 +48,7 @@ class AzureOpenAIProvider(OpenAIStyleProvider):
         max_records_per_job=100_000,
         max_bytes_per_file=200_000_000,  # "200 MB", read as the smaller decimal megabytes
         max_input_tokens=120_000,  # chat only: gpt-4o-mini's 128K context, less room for the answer
-        quota_kind="enqueued_tokens",
+        quota_kind=QUOTA_KINDS["azure_openai"],
     )
 
     def __init__(self, client: openai.AzureOpenAI, *, deployment: str, file_ready_timeout: float = 600.0,

@@ -19,6 +19,12 @@ ProviderName = Literal["local", "openai", "azure_openai", "bedrock"]
 Endpoint = Literal["embeddings", "chat"]
 JobState = Literal["pending", "running", "completed", "partial", "failed", "cancelled", "expired"]
 
+QuotaKind = Literal["enqueued_tokens", "jobs"]
+QUOTA_KINDS: dict[str, QuotaKind] = {
+    "openai": "enqueued_tokens", "azure_openai": "enqueued_tokens", "bedrock": "jobs", "local": "enqueued_tokens"}
+"""What each provider's queue quota counts per model: input tokens of unfinished batch jobs (OpenAI,
+Azure OpenAI — and `local`, when given one to rehearse with) or jobs in progress (Bedrock)."""
+
 TERMINAL_STATES: frozenset[str] = frozenset({"completed", "partial", "failed", "cancelled", "expired"})
 OPEN_STATES: frozenset[str] = frozenset({"pending", "running"})
 
@@ -53,7 +59,7 @@ class ProviderLimits:
     max_embedding_inputs_per_job: int | None = None
     max_input_tokens: int = 8191
     """Largest single request input (tokens) the model accepts."""
-    quota_kind: Literal["enqueued_tokens", "jobs"] | None = None
+    quota_kind: QuotaKind | None = None
     """What the provider's queue quota counts per model: input tokens of unfinished jobs (OpenAI,
     Azure OpenAI) or jobs in progress (Bedrock); None when it has no queue quota."""
 

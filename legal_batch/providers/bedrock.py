@@ -59,6 +59,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from legal_batch.core.jsonl import dumps_line, iter_objects
 from legal_batch.providers.base import (
+    QUOTA_KINDS,
     ChatRequest,
     EmbeddingRequest,
     Endpoint,
@@ -247,7 +248,7 @@ class BedrockProvider:
             max_bytes_per_file=MAX_BYTES_PER_FILE,
             min_records_per_job=MIN_RECORDS_PER_JOB,
             max_input_tokens=TITAN_V2_MAX_INPUT_TOKENS,
-            quota_kind="jobs",
+            quota_kind=QUOTA_KINDS["bedrock"],
         )
 
     @classmethod

@@ -22,6 +22,7 @@ from legal_batch.core.jsonl import atomic_writer, dumps_line, iter_lines
 from legal_batch.core.tokens import count_tokens
 from legal_batch.providers import local_models, openai_format
 from legal_batch.providers.base import (
+    QUOTA_KINDS,
     ChatRequest,
     EmbeddingRequest,
     Endpoint,
@@ -67,7 +68,7 @@ class LocalProvider:
             max_bytes_per_file=200 * 1024 * 1024,
             max_embedding_inputs_per_job=50_000,
             max_input_tokens=8191,
-            quota_kind="enqueued_tokens",
+            quota_kind=QUOTA_KINDS["local"],
         )
 
     def default_model(self, endpoint: Endpoint) -> str:

@@ -36,6 +36,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from legal_batch.core.jsonl import atomic_writer
 from legal_batch.providers import openai_format
 from legal_batch.providers.base import (
+    QUOTA_KINDS,
     ChatRequest,
     EmbeddingRequest,
     Endpoint,
@@ -533,7 +534,7 @@ class OpenAIProvider(OpenAIStyleProvider):
         max_bytes_per_file=200_000_000,  # "200 MB", read as the smaller decimal megabytes
         max_embedding_inputs_per_job=50_000,
         max_input_tokens=8191,
-        quota_kind="enqueued_tokens",
+        quota_kind=QUOTA_KINDS["openai"],
     )
     DEFAULT_MODELS: ClassVar[dict[str, str]] = {"embeddings": "text-embedding-3-small", "chat": "gpt-4o-mini"}
 

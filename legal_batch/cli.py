@@ -223,11 +223,22 @@ def _flow_run(flow: str, *, limit: int | None, wait: bool, poll_interval: float,
     _check_flow(flow)
     flow_defs, defs = _flow_defs(flow)
     runner = FlowRunner(flow_defs, defs, flow=flow, echo=console.print, plan_config=plan_config)
-    run = runner.run(limit=limit, wait=wait, poll_interval=poll_interval, timeout=timeout)
-    if run.failed_runs:
-        err.print(f"[red]{plural(len(run.failed_runs), 'Dagster run')} failed: {', '.join(run.failed_runs)}[/red]")
+    return runner.finish(runner.run(limit=limit, wait=wait, poll_interval=poll_interval, timeout=timeout))
+
+
+def _report(run) -> None:
+    """What went wrong in this run, grouped (reason → count → an example with file:line and job), and
+    a non-zero exit when items failed, a check of severity ERROR failed or a Dagster run failed.
+    Budget-held shards exit 3."""
+    lines = run.report()
+    for line in lines:
+        err.print(f"[red]✗ {line}[/red]" if not line.startswith("check") or "(ERROR)" in line
+                  else f"[yellow]! {line}[/yellow]", highlight=False, soft_wrap=True)
+    if not run.ok:
         raise typer.Exit(1)
-    return run
+    if run.budget_blocked:
+        err.print(f"[yellow]{plural(run.budget_blocked, 'shard')} wait for budget (LEGAL_BATCH_BUDGET_USD)[/yellow]")
+        raise typer.Exit(3)
 
 
 _OVERWRITE_OPTION = typer.Option(
@@ -302,12 +313,15 @@ def _flow_app(flow: str, *, overwritable: bool = False) -> typer.Typer:
     @sub.command("ingest")
     def ingest() -> None:
         """Poll once, then download and ingest every finished shard."""
-        from legal_batch.flows.runner import FlowRun, FlowRunner
+        from legal_batch.flows.runner import FlowRunner
 
         _check_flow(flow)
         flow_defs, defs = _flow_defs(flow)
-        left = FlowRunner(flow_defs, defs, flow=flow, echo=console.print).tick_status(FlowRun(flow))
+        runner = FlowRunner(flow_defs, defs, flow=flow, echo=console.print)
+        state = runner.new_run()
+        left = runner.tick_status(state)
         console.print(f"{plural(left, 'job')} still open")
+        _report(runner.finish(state))
 
     @sub.command("run")
     @overwrite_option
@@ -327,6 +341,7 @@ def _flow_app(flow: str, *, overwritable: bool = False) -> typer.Typer:
         if not result.submitted:
             console.print(f"nothing new to submit for {flow}")
         jobs(flow=flow)
+        _report(result)
 
     return sub
 
@@ -334,6 +349,7 @@ def _flow_app(flow: str, *, overwritable: bool = False) -> typer.Typer:
 for _flow in ("embeddings", "headnotes"):
     app.add_typer(_flow_app(_flow, overwritable=_flow == "headnotes"), name=_flow)
 app.add_typer(__import__("legal_batch.flows.template.cli", fromlist=["app"]).app, name="template")
+app.add_typer(__import__("legal_batch.cases_cli", fromlist=["app"]).app, name="cases")
 
 
 # -- ledger and search --------------------------------------------------------------------------------

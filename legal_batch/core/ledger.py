@@ -11,6 +11,7 @@ Rules that make "nothing lost, nothing paid twice" true:
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 import zlib
 from collections.abc import Iterable, Iterator
@@ -20,6 +21,7 @@ from decimal import Decimal
 
 import psycopg
 from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
 
 from legal_batch.core.quota import QuotaTooSmall
 from legal_batch.providers.base import ProviderLimits
@@ -80,6 +82,11 @@ class JobRow:
     quota_refusals: int
     """How many times the provider refused this shard for quota (never counted as an item attempt)."""
     split_into: list[str] | None
+    params: dict | None
+    """The per-run options the shard's requests and results depend on (`Flow.job_params`), stored
+    when it is planned; None for shards planned before they were kept."""
+    ingest_failures: int
+    """Ingest runs of this shard that failed; the job-status sensor retries up to a bound."""
 
 
 _JOB_COLUMNS = ", ".join(f.name for f in fields(JobRow))
@@ -158,11 +165,13 @@ def plan_shards(
     limits: ShardLimits,
     max_shards: int | None = None,
     allow_small_final_shard: bool = True,
+    job_params: dict | None = None,
 ) -> PlanResult:
     """Cut the flow's current candidates into new shards, recording jobs and items in one transaction.
 
     `candidate_sql` selects `subject_key, custom_id, tokens, size_bytes` of every candidate (in a
     stable order). Candidates over the model's input-token limit are recorded as failed items.
+    `job_params` (the flow's per-run options, JSON) is stored on every new job row.
     Runs under an advisory transaction lock per flow: a concurrent planner waits, then sees these
     items as open and skips them.
     """
@@ -206,7 +215,7 @@ def plan_shards(
                 digest.update(c.custom_id.encode())
             shard_key = f"{flow}-{existing:05d}-{digest.hexdigest()[:8]}"
             job_id = _insert_job(conn, flow=flow, provider=provider, model=model, mode=mode, shard_key=shard_key,
-                                 requests=len(shard), tokens=sum(c.tokens for c in shard))
+                                 requests=len(shard), tokens=sum(c.tokens for c in shard), params=job_params)
             _claim_items(conn, flow, job_id, shard)
             shard_keys.append(shard_key)
             planned += len(shard)
@@ -214,11 +223,12 @@ def plan_shards(
 
 
 def _insert_job(conn: psycopg.Connection, *, flow: str, provider: str, model: str, mode: str, shard_key: str,
-                requests: int, tokens: int) -> int:
+                requests: int, tokens: int, params: dict | None) -> int:
     return conn.execute(
         "INSERT INTO batch_jobs (flow, provider, model, mode, shard_key, client_token, state, request_count,"
-        " est_input_tokens) VALUES (%s, %s, %s, %s, %s, %s, 'planned', %s, %s) RETURNING id",
-        (flow, provider, model, mode, shard_key, new_client_token(), requests, tokens),
+        " est_input_tokens, params) VALUES (%s, %s, %s, %s, %s, %s, 'planned', %s, %s, %s) RETURNING id",
+        (flow, provider, model, mode, shard_key, new_client_token(), requests, tokens,
+         None if params is None else Jsonb(params)),
     ).fetchone()[0]
 
 
@@ -226,7 +236,8 @@ def split_shard(conn: psycopg.Connection, job: JobRow, *, max_tokens: int, min_r
     """Split a shard that was never accepted by the provider (`planned` or `exported`) into shards of
     at most `max_tokens` input tokens each (inside the caller's transaction). Its items move to the
     new shards unchanged — same state, same attempts —, the new shards start `planned` (their request
-    files are written again), and the original ends `split`, naming them. Returns the new shard keys."""
+    files are written again) with the original's per-run options (`params`), and the original ends
+    `split`, naming them. Returns the new shard keys."""
     if job.state not in ("planned", "exported", "submitting") or job.provider_job_id is not None:
         raise ValueError(f"shard {job.shard_key} is {job.state} with job {job.provider_job_id}: only a shard the "
                          "provider never accepted can be split")
@@ -245,7 +256,7 @@ def split_shard(conn: psycopg.Connection, job: JobRow, *, max_tokens: int, min_r
         key = f"{job.shard_key}-p{number + 1}"
         new_id = _insert_job(conn, flow=job.flow, provider=job.provider, model=job.model,
                              mode="realtime" if len(piece) < min_records else "batch", shard_key=key,
-                             requests=len(piece), tokens=sum(t for _, t in piece))
+                             requests=len(piece), tokens=sum(t for _, t in piece), params=job.params)
         conn.execute("UPDATE batch_items SET job_id = %s, state = 'exported', updated_at = now()"
                      " WHERE id = ANY(%s)", (new_id, [i for i, _ in piece]))
         keys.append(key)
@@ -364,10 +375,23 @@ def update_job(conn: psycopg.Connection, job_id: int, **values: object) -> None:
     unknown = set(values) - allowed
     if unknown:
         raise ValueError(f"not batch_jobs columns: {sorted(unknown)}")
+    if isinstance(values.get("params"), dict):
+        values["params"] = Jsonb(values["params"])
     assignments = ", ".join(f"{name} = %({name})s" for name in values)
     conn.execute(
         f"UPDATE batch_jobs SET {assignments}, updated_at = now() WHERE id = %(_id)s", {**values, "_id": job_id}
     )
+
+
+def record_ingest_failure(conn: psycopg.Connection, job: JobRow, *, reason: str) -> JobRow | None:
+    """Count one failed ingest run of `job` (`ingest_failures` + 1) and say why in `last_error` —
+    unless another process counted it first (the count moved since `job` was read): None then."""
+    with conn.cursor(row_factory=class_row(JobRow)) as cur:
+        return cur.execute(
+            f"UPDATE batch_jobs SET ingest_failures = ingest_failures + 1, last_error = %s, updated_at = now()"
+            f" WHERE id = %s AND ingest_failures = %s AND state <> 'ingested' RETURNING {_JOB_COLUMNS}",
+            (reason, job.id, job.ingest_failures),
+        ).fetchone()
 
 
 def set_items_state(conn: psycopg.Connection, job_id: int, *, from_states: tuple[str, ...], to_state: str) -> int:
@@ -407,3 +431,37 @@ def summary(conn: psycopg.Connection, flow: str) -> LedgerSummary:
         (flow,),
     ).fetchone()
     return LedgerSummary(jobs, items, est, actual)
+
+
+@dataclass(frozen=True)
+class FailureGroup:
+    reason: str
+    """The reason with its particulars (file:line, ids, numbers) taken out, to group by."""
+    count: int
+    example: str
+    """One item's full reason: file:line, custom id, provider job."""
+    subject_key: str
+
+
+_PARTICULARS = [
+    (re.compile(r"^\S+:\d+ of job \S+, \S+: "), ""),          # "<file>:<line> of job <id>, <custom id>: "
+    (re.compile(r" \(gave up after \d+ attempts\)$"), ""),
+    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"), "<id>"),
+    (re.compile(r"\d{1,3}(?:,\d{3})+|\d{4,}"), "N"),  # counts and ids; short codes (HTTP 500) stay
+]
+
+
+def failed_items(conn: psycopg.Connection, flow: str, *, since: datetime) -> list[FailureGroup]:
+    """The items of `flow` that ended `failed` since `since`, grouped by reason (most first)."""
+    groups: dict[str, list] = {}
+    with conn.transaction(), conn.cursor(name=f"failed_{flow}") as cur:
+        cur.itersize = 5_000
+        cur.execute("SELECT subject_key, coalesce(last_error, '') FROM batch_items WHERE flow = %s"
+                    " AND state = 'failed' AND updated_at >= %s ORDER BY id", (flow, since))
+        for subject_key, error in cur:
+            reason = error
+            for pattern, replacement in _PARTICULARS:
+                reason = pattern.sub(replacement, reason)
+            entry = groups.setdefault(reason[:300], [0, error, subject_key])
+            entry[0] += 1
+    return sorted((FailureGroup(r, c, e, k) for r, (c, e, k) in groups.items()), key=lambda g: -g.count)

@@ -13,6 +13,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 
@@ -61,6 +62,27 @@ def failure_message(result: dg.ExecuteInProcessResult) -> str:
     return "see `dagster dev` → Runs for the error"
 
 
+@dataclass(frozen=True)
+class FailedCheck:
+    name: str
+    asset: str
+    severity: str
+    detail: str
+
+
+def failed_checks(result: dg.ExecuteInProcessResult) -> list[FailedCheck]:
+    """The asset checks of a run that did not pass, with their key figures."""
+    found = []
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.passed:
+            continue
+        figures = ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in list(evaluation.metadata.items())[:6]
+                            if not isinstance(getattr(v, "value", None), dict | list))
+        found.append(FailedCheck(evaluation.check_name, evaluation.asset_key.to_user_string(),
+                                 str(getattr(evaluation.severity, "value", evaluation.severity)), figures))
+    return found
+
+
 @dataclass
 class FlowRun:
     flow: str
@@ -73,6 +95,28 @@ class FlowRun:
     budget_blocked: int = 0
     """Shards left waiting because a spend cap was reached."""
     failed_by_shard: dict[str, str] = field(default_factory=dict)
+    started_at: datetime | None = None
+    """The database's clock when the run began: items failed since then are this run's."""
+    failed_checks: dict[str, FailedCheck] = field(default_factory=dict)
+    """Asset checks that failed in this run's ingests, by check and asset (the latest evaluation)."""
+    failed_items: list[ledger.FailureGroup] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No Dagster run left failed, no item of this run failed, no check of severity ERROR failed."""
+        return not (self.failed_runs or self.failed_items
+                    or any(c.severity == "ERROR" for c in self.failed_checks.values()))
+
+    def report(self) -> list[str]:
+        """The grouped summary of what went wrong: reason → count → an example (file:line, job)."""
+        lines = []
+        for group in self.failed_items:
+            lines.append(f"{group.count} failed: {group.reason} — e.g. {group.subject_key}: {group.example}")
+        for check in self.failed_checks.values():
+            lines.append(f"check {check.name} on {check.asset} ({check.severity}) failed: {check.detail}")
+        if self.failed_runs:
+            lines.append(f"{_count(len(self.failed_runs), 'Dagster run')} failed: {', '.join(self.failed_runs)}")
+        return lines
 
     def run_failed(self, shard: str, run_id: str) -> None:
         self.failed_runs.append(run_id)
@@ -198,6 +242,8 @@ class FlowRunner:
             shard = request.partition_key
             result_run = self._execute(self.flow_defs.ingest_job.name, partition_key=shard,
                                        tags={**request.tags, "dagster/run_key": request.run_key or ""})
+            for check in failed_checks(result_run):
+                run.failed_checks[f"{check.name}:{check.asset}"] = check
             if result_run.success:
                 run.run_succeeded(shard or "")
                 run.ingested.append(shard or "")
@@ -217,7 +263,7 @@ class FlowRunner:
         """Plan and submit what the quota allows; with `wait`, keep the provider's queue full — every
         round ingests finished jobs and submits waiting shards into the room they freed — and re-plan
         retryable items, until nothing is open or waiting."""
-        run = FlowRun(self.flow)
+        run = self.new_run()
         started = time.monotonic()
         self.echo(f"[{self.flow}] planning")
         self.plan(run, limit=limit)
@@ -263,6 +309,18 @@ class FlowRunner:
             time.sleep(delay)
             # keep polling at the set pace while shards wait for room in the queue; back off otherwise
             delay = poll_interval if waiting else min(delay * 1.5, max(poll_interval, 600.0))
+
+    def new_run(self) -> FlowRun:
+        """A run record starting now (by the database's clock)."""
+        with self._database().connect() as conn:
+            return FlowRun(self.flow, started_at=conn.execute("SELECT now()").fetchone()[0])
+
+    def finish(self, run: FlowRun) -> FlowRun:
+        """Collect the items of this run that ended `failed`, grouped by reason."""
+        if run.started_at is not None:
+            with self._database().connect() as conn:
+                run.failed_items = ledger.failed_items(conn, self.flow, since=run.started_at)
+        return run
 
     def _open_jobs(self) -> int:
         with self._database().connect() as conn:

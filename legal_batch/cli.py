@@ -442,9 +442,35 @@ def verify(flow: Annotated[FlowName | None, typer.Option(help="Only this flow.")
     for violation in report.violations:
         console.print(f"[red]✗ {violation.flow}: {violation.rule}: {violation.count}[/red] "
                       f"(e.g. {', '.join(violation.examples)})\n  what to do: {violation.repair}")
+    for warning in _failed_check_warnings(list(flows)):
+        console.print(f"[yellow]! {warning}[/yellow]", highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
     console.print("[green]ledger consistent: every item is in exactly one state[/green]")
+
+
+def _failed_check_warnings(flows: list[str]) -> list[str]:
+    """The asset checks of these flows whose latest evaluation failed, read from the Dagster
+    instance the CLI and `make dev` share (warnings: the ledger itself may still be consistent)."""
+    from legal_batch.definitions import FLOWS_BY_NAME
+    from legal_batch.flows.runner import instance
+
+    dagster = instance()
+    warnings = []
+    for name in flows:
+        for asset in FLOWS_BY_NAME[name].assets:
+            for spec in asset.check_specs:
+                record = dagster.get_latest_asset_check_evaluation_record(spec.key)
+                event = record.event if record is not None else None
+                evaluation = event.dagster_event.event_specific_data if event and event.dagster_event else None
+                if evaluation is None or getattr(evaluation, "passed", True):
+                    continue
+                severity = getattr(getattr(evaluation, "severity", None), "value", "ERROR")
+                figures = ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in list(evaluation.metadata.items())[:5]
+                                    if not isinstance(getattr(v, "value", None), dict | list))
+                warnings.append(f"{name}: check {spec.name} on {spec.asset_key.to_user_string()} failed "
+                                f"({severity}, latest evaluation): {figures}")
+    return warnings
 
 
 def _one_line(message: str, code: int) -> NoReturn:

@@ -31,3 +31,24 @@ def test_a_clean_run_exits_zero_and_prints_no_failure_summary(tmp_path: Path, da
     code, output = run([*CLI, "embeddings", "run", "--wait", "--poll-interval", "0"], env)
     assert code == 0, output
     assert "✗" not in output
+
+
+def test_verify_warns_about_failed_checks_in_the_instance(tmp_path: Path, lb_env, monkeypatch):
+    import dagster as dg
+    from typer.testing import CliRunner
+
+    from legal_batch.cli import app
+    from legal_batch.flows.runner import instance
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
+    (tmp_path / "dagster").mkdir()
+    dagster = instance()
+    dagster.report_runless_asset_event(dg.AssetCheckEvaluation(
+        asset_key=dg.AssetKey("court_case_headnotes"), check_name="headnotes_within_length_band", passed=False,
+        severity=dg.AssetCheckSeverity.WARN, metadata={"below_band": 9, "headnotes": 10}))
+
+    result = CliRunner().invoke(app, ["verify", "--flow", "headnotes"])
+
+    assert result.exit_code == 0, result.output  # the ledger itself is consistent
+    assert "check headnotes_within_length_band on court_case_headnotes failed (WARN" in result.output
+    assert "below_band=9" in result.output

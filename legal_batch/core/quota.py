@@ -230,22 +230,25 @@ def hold(conn: psycopg.Connection, job_id: int, reason: str, *, retry_at: dateti
 
 # -- learning from refusals ---------------------------------------------------------------------------
 
+_NUMBER = r"(\d[\d,_]*(?:\.\d+)?)\s*([KMB]\b)?"
 _STATED = [
-    re.compile(r"limit:?\s*(?:of\s*)?([\d][\d,._ ]*)\s*(?:enqueued\s*)?tokens", re.I),
-    re.compile(r"enqueued[- ]token (?:limit|quota) (?:of|is)\s*([\d][\d,._ ]*)", re.I),
-    re.compile(r"(?:quota|limit) (?:of|is)\s*([\d][\d,._ ]*)", re.I),
-]
+    re.compile(r"limit:\s*" + _NUMBER, re.I),                       # OpenAI: "Limit: 3,000,000 enqueued tokens."
+    re.compile(r"(?:quota|limit) (?:of|is)\s*" + _NUMBER, re.I),    # Azure: "the configured limit of 30K for the
+]                                                                  # deployment"; Bedrock: "reached the quota of 20"
+_SUFFIX = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}
 
 
 def stated_limit(message: str) -> int | None:
-    """The limit a refusal message states, e.g. OpenAI's "Limit: 3,000,000 enqueued tokens", Bedrock's
-    "has reached the quota of 20"; None when it states none."""
+    """The limit a refusal message states — OpenAI's "Limit: 3,000,000 enqueued tokens", Azure's
+    "surpassed the configured limit of 30K for the deployment", Bedrock's "has reached the quota of
+    20" —; None when it states none."""
     for pattern in _STATED:
         match = pattern.search(message or "")
         if match:
-            digits = re.sub(r"[^\d]", "", match.group(1))
-            if digits and int(digits) > 0:
-                return int(digits)
+            value = float(match.group(1).replace(",", "").replace("_", ""))
+            value *= _SUFFIX.get((match.group(2) or "").lower(), 1)
+            if value >= 1:
+                return int(value)
     return None
 
 

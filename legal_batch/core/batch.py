@@ -12,19 +12,21 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
+import numpy as np
+import orjson
 import psycopg
 
 from legal_batch.core import ledger, quota
 from legal_batch.core.cost import price
 from legal_batch.core.crash import crash_point
 from legal_batch.core.flow import Flow, Item, Permanent
-from legal_batch.core.jsonl import atomic_writer
+from legal_batch.core.jsonl import atomic_writer, iter_objects
 from legal_batch.core.ledger import JobRow, PlanResult, ShardLimits
 from legal_batch.core.quota import QuotaPolicy
 from legal_batch.providers.base import (
@@ -74,17 +76,21 @@ def plan(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, *, model
                         usable=found.usable)
     return ledger.plan_shards(
         conn, flow=flow.name, provider=provider.name, model=model, candidate_sql=sql, params=params,
-        limits=limits, max_shards=max_shards,
+        limits=limits, max_shards=max_shards, job_params=flow.job_params(),
     )
 
 
 def split_oversized(conn: psycopg.Connection, *, flow: str, provider: BatchProvider, model: str, max_tokens: int,
                     usable: int) -> list[str]:
-    """Split every waiting shard of the flow whose tokens exceed the usable quota."""
+    """Re-cut the flow's waiting shards to the quota as now known: a shard over the usable quota can
+    never be submitted, and one much larger than a share of it (cut before the quota was learned
+    or lowered) would leave the queue part-empty while it waits; both are split into shards of at
+    most `max_tokens`."""
     new_keys: list[str] = []
     for job in ledger.list_jobs(conn, flow=flow, states=("planned", "exported")):
+        tokens = job.est_input_tokens or 0
         if job.provider == provider.name and job.model == model and job.mode == "batch" \
-                and (job.est_input_tokens or 0) > usable:
+                and (tokens > usable or tokens > max_tokens * 1.5) and job.request_count > 1:
             with conn.transaction():
                 locked = ledger.get_job(conn, job.shard_key, for_update=True)
                 if locked.state in ("planned", "exported"):
@@ -175,25 +181,29 @@ class SubmitOutcome:
 
 
 def submit_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
-                 max_attempts: int = 3, policy: QuotaPolicy | None = None) -> SubmitOutcome:
+                 max_attempts: int = 3, policy: QuotaPolicy | None = None,
+                 files_root: Path | None = None) -> SubmitOutcome:
     """Submit the shard's request file once. The job row is marked `submitting` (with the client
     token the provider echoes) before the provider call, so a crash in between is reconciled by
     `find_job`, never submitted twice. A session advisory lock on the job makes a concurrent
-    submitter of the same shard step aside (the lock dies with a crashed process)."""
+    submitter of the same shard step aside (the lock dies with a crashed process).
+
+    A real-time shard (below the provider's minimum per job) is served here instead, its results
+    kept under `files_root` for its ingest (see `_serve_realtime`)."""
     key = (_SUBMIT_LOCK << 32) + ledger.get_job(conn, shard_key).id
     if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
         return SubmitOutcome(shard_key, "submitting", None, "another process is submitting this shard; skipped")
     try:
         return _submit_locked(conn, flow, provider, shard_key, max_attempts=max_attempts,
-                              policy=policy or QuotaPolicy())
+                              policy=policy or QuotaPolicy(), files_root=files_root)
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
 def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
-                   max_attempts: int, policy: QuotaPolicy) -> SubmitOutcome:
+                   max_attempts: int, policy: QuotaPolicy, files_root: Path | None) -> SubmitOutcome:
     if ledger.get_job(conn, shard_key).mode == "realtime":
-        return _serve_realtime(conn, flow, provider, shard_key, max_attempts=max_attempts, policy=policy)
+        return _serve_realtime(conn, flow, provider, shard_key, policy=policy, files_root=files_root)
     with conn.transaction():
         job = ledger.get_job(conn, shard_key, for_update=True)
         if job.state in ("planned",):
@@ -257,21 +267,33 @@ def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider
 def admissible_shards(conn: psycopg.Connection, flow: str, providers: Callable[[str], BatchProvider], *,
                       policy: QuotaPolicy) -> list[str]:
     """The flow's waiting shards (oldest first) that the queue quota has room for now — the ones
-    worth a submit run this round (`quota.admissible`)."""
+    worth a submit run this round (`quota.admissible`) —, after re-cutting waiting shards to the
+    quota as now known (`split_oversized`)."""
     pairs = conn.execute("SELECT DISTINCT provider, model FROM batch_jobs WHERE flow = %s AND state = ANY(%s)",
                          (flow, ["planned", "exported", "submitting"])).fetchall()
     ready: list[str] = []
     for provider_name, model in pairs:
-        kind = providers(provider_name).limits.quota_kind
+        provider = providers(provider_name)
+        kind = provider.limits.quota_kind
+        found = quota.quota_for(conn, provider=provider_name, model=model, kind=kind, policy=policy)
+        if found is not None and found.kind == "enqueued_tokens" and found.usable is not None:
+            split_oversized(conn, flow=flow, provider=provider, model=model,
+                            max_tokens=quota.shard_token_cap(found, policy) or found.usable, usable=found.usable)
         ready += quota.admissible(conn, flow=flow, provider=provider_name, model=model, kind=kind, policy=policy)
     return ready
 
 
 def _serve_realtime(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, shard_key: str, *,
-                    max_attempts: int, policy: QuotaPolicy) -> SubmitOutcome:
+                    policy: QuotaPolicy, files_root: Path | None) -> SubmitOutcome:
     """A shard below the provider's minimum records per job (Bedrock: 100) is served by the real-time
-    path instead of a batch job that would fail: requests and results in one transaction, at the
-    real-time price."""
+    path instead of a batch job that would fail, at the real-time price. In one transaction its items
+    become `submitted`, the answers are written to its local output file (`realtime.jsonl` in the
+    shard's output folder) and the job ends `completed` with that file as its output; from there it
+    is ingested like any other shard — the job-status sensor requests its ingest run, which
+    materializes its outputs and results (one transaction, as for a batch job)."""
+    if files_root is None:
+        raise ShardNotReady(f"shard {shard_key} is served in real time: give files_root, the folder its results "
+                            "are kept in until its ingest")
     with conn.transaction():
         job = ledger.get_job(conn, shard_key, for_update=True)
         if job.state not in ("exported", "submitting"):
@@ -283,15 +305,52 @@ def _serve_realtime(conn: psycopg.Connection, flow: Flow, provider: BatchProvide
             return SubmitOutcome(shard_key, job.state, None, f"{over}; not served yet")
         conn.execute("UPDATE batch_items SET state = 'submitted', attempts = attempts + 1, updated_at = now()"
                      " WHERE job_id = %s AND state = 'exported'", (job.id,))
-        ledger.update_job(conn, job.id, state="completed", provider_status="realtime", submitted_at=datetime.now(UTC),
-                          finished_at=datetime.now(UTC), submit_attempts=job.submit_attempts + 1)
-        job = ledger.get_job(conn, shard_key)
+        submitted_at = datetime.now(UTC)
         requests = list(flow.requests(conn, job.id))
-        results = provider.realtime(requests, endpoint=flow.endpoint, model=job.model)
-        report = _ingest_results(conn, flow, job, results, IngestReport(shard_key, None), max_attempts=max_attempts)
-    return SubmitOutcome(shard_key, "ingested", None,
+        path = output_dir(files_root, job.flow, shard_key) / REALTIME_OUTPUT
+        answered = errors = 0
+        with atomic_writer(path) as out:
+            for result in provider.realtime(requests, endpoint=flow.endpoint, model=job.model):
+                out.write(_realtime_line(result))
+                answered += result.error is None
+                errors += result.error is not None
+        ledger.update_job(conn, job.id, state="completed", provider_status="realtime", submitted_at=submitted_at,
+                          finished_at=datetime.now(UTC), submit_attempts=job.submit_attempts + 1,
+                          output_location=str(path), completed_count=answered, failed_count=errors,
+                          next_submit_at=None, waiting_reason=None, waiting_since=None)
+    return SubmitOutcome(shard_key, "completed", None,
                          f"{job.request_count} requests are below the provider's minimum per batch job "
-                         f"({provider.limits.min_records_per_job}): served in real time; {report.summary()}")
+                         f"({provider.limits.min_records_per_job}): served in real time ({answered} answered, "
+                         f"{errors} errors) into {path}; the shard's ingest writes the results")
+
+
+REALTIME_OUTPUT = "realtime.jsonl"
+"""The output file of a real-time shard, in its output folder."""
+
+
+def _realtime_line(result: Result) -> bytes:
+    vector = None if result.vector is None else np.ascontiguousarray(result.vector, dtype=np.float32)
+    record = {"custom_id": result.custom_id, "vector": vector, "text": result.text,
+              "finish_reason": result.finish_reason, "input_tokens": result.input_tokens,
+              "output_tokens": result.output_tokens, "error": result.error, "retryable": result.retryable,
+              "extra": result.extra}
+    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY, default=str) + b"\n"
+
+
+def iter_realtime_results(files: Iterable[Path]) -> Iterator[Result]:
+    """The results of a real-time shard, read back line by line from its output file."""
+    for path in files:
+        for number, obj, problem in iter_objects(path):
+            if obj is None:
+                yield Result(None, path.name, number, error=problem)
+                continue
+            vector = obj.get("vector")
+            yield Result(obj.get("custom_id"), path.name, number,
+                         vector=None if vector is None else np.asarray(vector, dtype=np.float32),
+                         text=obj.get("text"), finish_reason=obj.get("finish_reason"),
+                         input_tokens=int(obj.get("input_tokens") or 0),
+                         output_tokens=int(obj.get("output_tokens") or 0), error=obj.get("error"),
+                         retryable=bool(obj.get("retryable", True)), extra=obj.get("extra") or {})
 
 
 def _record_submitted(conn: psycopg.Connection, job: JobRow, submitted: SubmittedJob) -> None:
@@ -308,6 +367,8 @@ def _record_submitted(conn: psycopg.Connection, job: JobRow, submitted: Submitte
         " WHERE job_id = %s AND state = 'exported'",
         (job.id,),
     )
+    if submitted.status.state == "running":
+        quota.note_accepted(conn, provider=job.provider, model=job.model)
 
 
 # -- poll ---------------------------------------------------------------------------------------------
@@ -355,6 +416,8 @@ def _poll_locked(conn: psycopg.Connection, provider: BatchProvider, job: JobRow,
     if status.quota_exceeded:
         _requeue_for_quota(conn, provider, job, status.message or status.raw_status, policy=policy)
         return Polled(ledger.get_job(conn, job.shard_key), status)
+    if status.state == "running" and job.state == "pending":  # validated: the provider took it into its queue
+        quota.note_accepted(conn, provider=job.provider, model=job.model)
     values: dict[str, object] = dict(
         state=status.state, provider_status=status.raw_status, completed_count=status.completed,
         failed_count=status.failed, output_location=status.output_location or job.output_location,
@@ -437,6 +500,9 @@ def _download_locked(conn: psycopg.Connection, provider: BatchProvider, shard_ke
             f"shard {shard_key}: provider job {job.provider_job_id} is {job.state}, not finished; the job-status "
             "sensor requests the download when it is"
         )
+    if job.mode == "realtime":  # answered at submit: the output is already here
+        output = Path(job.output_location) if job.output_location else None
+        return [output] if output is not None and output.exists() else []
     if job.provider_job_id is None:
         return []  # refused at submit: nothing to download
     dest = output_dir(files_root, job.flow, shard_key)
@@ -485,15 +551,17 @@ def ingest_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
     try:
         with conn.transaction():
             job = ledger.get_job(conn, shard_key, for_update=True)
-            report = IngestReport(shard_key, job.provider_job_id)
+            report = IngestReport(shard_key, job.provider_job_id if job.mode == "batch" else "real time")
             if job.state == "ingested":
                 report.already_ingested = True
                 return report
             if job.state not in TERMINAL_STATES:
                 raise ShardNotReady(f"shard {shard_key}: job {job.provider_job_id} is {job.state}; ingest after it "
                                     "finishes")
-            return _ingest_results(conn, flow, job, provider.iter_results(files, endpoint=flow.endpoint), report,
-                                   max_attempts=max_attempts, on_progress=on_progress)
+            results = (iter_realtime_results(files) if job.mode == "realtime"
+                       else provider.iter_results(files, endpoint=flow.endpoint))
+            return _ingest_results(conn, flow, job, results, report, max_attempts=max_attempts,
+                                   on_progress=on_progress)
     except Exception as exc:
         if not (conn.broken or isinstance(exc, psycopg.OperationalError)):
             raise
@@ -556,7 +624,7 @@ def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: 
         closer.stop()
         raise
     closed = closer.finish()
-    missing_reason = f"no result for this request in the output of job {job.provider_job_id} ({job.state})"
+    missing_reason = f"no result for this request in the output of job {_job_label(job)} ({job.state})"
     if report.problems:
         missing_reason += f"; {len(report.problems)} output lines were unusable, e.g. {report.problems[0]}"
     for item in items.values():
@@ -584,7 +652,12 @@ _DONE: tuple[str, str | None] = ("done", None)
 
 
 def _where(result: Result, job: JobRow) -> str:
-    return f"{result.where} of job {job.provider_job_id}"
+    return f"{result.where} of job {_job_label(job)}"
+
+
+def _job_label(job: JobRow) -> str:
+    """The provider job id, or for a shard served in real time its shard key."""
+    return job.provider_job_id or f"{job.shard_key} (real time)"
 
 
 class _DoneItems:

@@ -102,6 +102,14 @@ class EmbeddingsFlow:
         self.dimensions = dimensions
         self.limit_cases = limit_cases
 
+    def job_params(self) -> dict:
+        return {"dimensions": self.dimensions}
+
+    @classmethod
+    def for_job(cls, *, model: str, params: dict) -> EmbeddingsFlow:
+        """The flow a shard was planned with (`job_params` as stored on its job row)."""
+        return cls(model=model, dimensions=int(params["dimensions"]))
+
     def candidate_sql(self) -> tuple[str, dict]:
         sql = (
             "SELECT c.case_id::text || ':' || c.chunk_index, 'chunk-' || c.case_id || '-' || c.chunk_index,"

@@ -50,6 +50,13 @@ class Flow(Protocol):
         """SQL selecting `subject_key, custom_id, tokens, size_bytes` of every candidate, and params."""
         ...
 
+    def job_params(self) -> dict:
+        """The per-run options (JSON) the shard's requests and results depend on — e.g. overwrite
+        and its cut-off. Stored on every job row it plans (`batch_jobs.params`); the process that
+        writes, submits or ingests the shard later builds the flow from them, never from its own
+        settings or environment."""
+        ...
+
     def requests(self, conn: psycopg.Connection, job_id: int) -> Iterator[Request]:
         """The requests of a shard's items, streamed."""
         ...

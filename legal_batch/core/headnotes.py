@@ -196,6 +196,25 @@ class HeadnotesFlow:
         self.max_input_tokens = max_input_tokens
         self.encoding_name = encoding_for_model(model)
 
+    def job_params(self) -> dict:
+        """Everything but the model (on the job row) and the case limit (planning only)."""
+        return {
+            "few_shot": self.few_shot, "max_chars": self.max_chars, "max_tokens": self.max_tokens,
+            "temperature": self.temperature, "overwrite": self.overwrite,
+            "overwrite_before": self.overwrite_before.isoformat() if self.overwrite_before else None,
+            "max_input_tokens": self.max_input_tokens,
+        }
+
+    @classmethod
+    def for_job(cls, *, model: str, params: dict) -> HeadnotesFlow:
+        """The flow a shard was planned with (`job_params` as stored on its job row)."""
+        before = params.get("overwrite_before")
+        return cls(model=model, few_shot=int(params["few_shot"]), max_chars=int(params["max_chars"]),
+                   max_tokens=int(params["max_tokens"]), temperature=float(params["temperature"]),
+                   overwrite=bool(params["overwrite"]),
+                   overwrite_before=datetime.fromisoformat(before) if before else None,
+                   max_input_tokens=params.get("max_input_tokens"))
+
     # -- candidates -------------------------------------------------------------------------------
     def _fixed_overhead(self) -> tuple[int, int]:
         """(tokens, bytes) of a request without its judgment and examples: instructions, header, marker."""
@@ -351,7 +370,12 @@ class HeadnoteSink:
 
 
 DONE_WITHOUT_RESULT_SQL = (
-    "SELECT i.subject_key FROM batch_items i JOIN court_cases k ON k.id = i.subject_key::uuid"
-    " WHERE i.flow = 'headnotes' AND i.state = 'done' AND k.headnote IS NULL"
+    "SELECT i.subject_key FROM batch_items i JOIN batch_jobs j ON j.id = i.job_id"
+    " JOIN court_cases k ON k.id = i.subject_key::uuid"
+    " WHERE i.flow = 'headnotes' AND i.state = 'done' AND (k.headnote IS NULL"
+    "   OR k.headnote_model IS DISTINCT FROM j.model OR k.headnote_generated_at IS NULL"
+    "   OR k.headnote_generated_at < j.created_at)"
 )
-"""Done headnote items whose case has no headnote (for `legal-batch verify`)."""
+"""Done headnote items whose headnote was not written by their job (for `legal-batch verify`): the
+case has no headnote, or one from another model, or one generated before the job was planned (e.g.
+an overwrite shard ingested without overwrite kept the old one)."""

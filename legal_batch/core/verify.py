@@ -3,7 +3,8 @@
 Checks, per flow:
 - every item is in exactly one state, and an open item (`exported`/`submitted`) belongs to a job
   that is itself open in the matching phase — never to a job already ingested or refused;
-- every `done` item has its result row (the flow says where: `done_without_result_sql`);
+- every `done` item has its result row, written by its own job (the flow says where and how to
+  tell: `done_without_result_sql`);
 - `failed` and `retryable` items carry a reason;
 - no two jobs share a provider job id, and an open job's items add up to its request count;
 - an ingested job's outcome counts add up to its request count, and the provider's total, when
@@ -101,7 +102,9 @@ def verify(conn: psycopg.Connection, flows: Mapping[str, str | None], *, example
         rules = list(_RULES)
         if missing_sql:
             rules.append(("done item without its result row", missing_sql,
-                          f"run the {flow} flow again: those subjects are candidates again and get re-requested"))
+                          f"run the {flow} flow again: subjects without a result are candidates again and get "
+                          "re-requested; a result kept from before the job (e.g. an older headnote) is replaced "
+                          "by an overwrite run"))
         for rule, sql, repair in rules:
             rows = conn.execute(sql, {"flow": flow}).fetchall()
             if rows:

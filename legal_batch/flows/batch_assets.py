@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import dagster as dg
 import psycopg
@@ -27,10 +27,23 @@ ResultChecks = Callable[[psycopg.Connection, ledger.JobRow], list[dg.AssetCheckR
 
 
 class CandidatesConfig(dg.Config):
-    """`limit`: at most this many source records (cases, rows) this run; unset = all."""
+    """`limit`: at most this many source records (cases, rows) this run; unset = all.
+    `overwrite` (flows with results to overwrite: headnotes): also regenerate results made before
+    `overwrite_before` (ISO 8601; unset = when the planning process started). Both are stored with
+    each shard planned (`batch_jobs.params`), so its submit and ingest use them too."""
 
     limit: int | None = None
     max_shards: int = 100
+    overwrite: bool = False
+    overwrite_before: str | None = None
+
+
+class MakeFlow(Protocol):
+    def __call__(self, provider: BatchProvider, config: CandidatesConfig | None, *,
+                 job: ledger.JobRow | None = None) -> Flow:
+        """The flow for planning (with the run's `config`), or for one shard (`job`): then built
+        from the job row's model and stored `params`, not from this process's settings."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -60,7 +73,7 @@ class FlowDefinitions:
 def build_flow_definitions(
     names: FlowNames,
     *,
-    make_flow: Callable[[BatchProvider, CandidatesConfig | None], Flow],
+    make_flow: MakeFlow,
     prepare: Prepare | None = None,
     has_unprepared: Callable[[psycopg.Connection], bool] | None = None,
     result_check_specs: Sequence[dg.AssetCheckSpec] = (),
@@ -69,10 +82,12 @@ def build_flow_definitions(
     descriptions: dict[str, str],
     candidates_name: str | None = None,
     done_without_result_sql: str | None = None,
+    overwritable: bool = False,
 ) -> FlowDefinitions:
     """Assets, jobs and sensors of one batch flow (see the module docstring).
 
     `candidates_name` names the first asset when `<prefix>_candidates` does not fit (e.g. `template_inputs`).
+    `overwritable`: the flow accepts `CandidatesConfig.overwrite` (it has results to regenerate).
     `done_without_result_sql` (the flow's `DONE_WITHOUT_RESULT_SQL`) lets the `ledger_consistent` check
     also find done items whose result row is missing."""
     partitions = dg.DynamicPartitionsDefinition(name=f"{names.prefix}_shards")
@@ -91,6 +106,9 @@ def build_flow_definitions(
               check_specs=[ledger_check])
     def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, database: DatabaseResource,
                    providers: ProvidersResource) -> dg.MaterializeResult:
+        if config.overwrite and not overwritable:
+            raise dg.Failure(description=f"the {names.flow} flow has nothing to overwrite: run it without "
+                                         "`overwrite` in the config", allow_retries=False)
         provider = providers.for_flow(names.flow)
         flow = make_flow(provider, config)
         with _clear_failures(), database.connect() as conn:
@@ -127,7 +145,7 @@ def build_flow_definitions(
         with _clear_failures(), database.connect() as conn:
             job = ledger.get_job(conn, shard_key)
             provider = providers.named(job.provider)
-            written = batch.write_request_file(conn, make_flow(provider, None), provider, shard_key,
+            written = batch.write_request_file(conn, make_flow(provider, None, job=job), provider, shard_key,
                                                files_root=files.path())
         return dg.MaterializeResult(metadata={
             "dagster/row_count": written.lines,
@@ -142,14 +160,15 @@ def build_flow_definitions(
     @dg.asset(name=jobs_key, group_name=names.group, partitions_def=partitions, deps=[request_files], pool=pool,
               description=descriptions["batch_jobs"],
               retry_policy=dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL))
-    def batch_jobs(context: dg.AssetExecutionContext, database: DatabaseResource,
+    def batch_jobs(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
                    providers: ProvidersResource) -> dg.MaterializeResult:
         with _clear_failures(), database.connect() as conn:
             job = ledger.get_job(conn, context.partition_key)
             provider = providers.named(job.provider)
             policy = get_settings().quota_policy()
-            outcome = batch.submit_shard(conn, make_flow(provider, None), provider, context.partition_key,
-                                         max_attempts=get_settings().max_attempts, policy=policy)
+            outcome = batch.submit_shard(conn, make_flow(provider, None, job=job), provider, context.partition_key,
+                                         max_attempts=get_settings().max_attempts, policy=policy,
+                                         files_root=files.path())
             job = ledger.get_job(conn, context.partition_key)
             found = quota.quota_for(conn, provider=job.provider, model=job.model, kind=provider.limits.quota_kind,
                                     policy=policy)
@@ -204,7 +223,7 @@ def build_flow_definitions(
             provider = providers.named(job.provider)
             paths = sorted(p for p in batch.output_dir(files.path(), names.flow, shard_key).glob("*")
                            if p.is_file()) if job.state != "ingested" else []
-            report = batch.ingest_shard(conn, make_flow(provider, None), provider, shard_key, files=paths,
+            report = batch.ingest_shard(conn, make_flow(provider, None, job=job), provider, shard_key, files=paths,
                                         max_attempts=get_settings().max_attempts,
                                         on_progress=lambda n: context.log.info(f"{shard_key}: {n} result lines read"))
             job = ledger.get_job(conn, shard_key)
@@ -226,6 +245,7 @@ def build_flow_definitions(
                 "output_tokens": job.output_tokens or 0,
                 "actual_cost_usd": float(job.actual_cost_usd or 0),
                 "unusable_output_lines": len(report.problems),
+                "ingest_attempt": job.ingest_failures + 1,
                 "summary": report.summary(),
                 **after,
             },
@@ -277,19 +297,35 @@ def build_flow_definitions(
                description="Polls open provider jobs (bounded per tick) and requests an ingest run per finished job.")
     def status_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource,
                       providers: ProvidersResource) -> dg.SensorResult:
+        """An ingest run per finished job; one that failed is requested again under a new run key
+        (`ingest_run_key`), up to `LEGAL_BATCH_INGEST_MAX_ATTEMPTS` runs, then the job's
+        `last_error` and an observation of its results partition say that it stopped and why."""
+        max_attempts = get_settings().ingest_max_attempts
+        requests: list[dg.RunRequest] = []
+        events: list[dg.AssetObservation] = []
         with database.connect() as conn:
             polled = batch.poll_open_jobs(conn, providers.named, flow=names.flow, max_jobs=50, time_budget_s=40,
                                           policy=get_settings().quota_policy())
             finished = ledger.list_jobs(conn, flow=names.flow,
                                         states=("completed", "partial", "failed", "cancelled", "expired"))
+            for job in finished:
+                if job.ingest_failures >= max_attempts:
+                    continue  # stopped; said so when it happened
+                ended = _ended_run(context.instance, ingest_run_key(job))
+                if ended is not None:  # that run failed (or ended without ingesting): count it
+                    job, event = _count_failed_ingest(conn, context.instance, job, ended, max_attempts=max_attempts,
+                                                      names=names)
+                    if event is not None:
+                        context.log.warning(str(event.metadata["reason"].value))
+                        events.append(event)
+                    if job is None or job.ingest_failures >= max_attempts:
+                        continue
+                requests.append(dg.RunRequest(job_name=ingest_job.name, partition_key=job.shard_key,
+                                              run_key=ingest_run_key(job),
+                                              tags={"legal_batch/ingest_attempt": str(job.ingest_failures + 1)}))
         for entry in polled:
             context.log.info(f"{entry.job.shard_key}: {entry.job.provider_job_id} is {entry.status.raw_status}")
-        requests = [
-            dg.RunRequest(job_name=ingest_job.name, partition_key=job.shard_key,
-                          run_key=f"{job.provider_job_id or job.client_token}:{job.state}")
-            for job in finished
-        ]
-        return dg.SensorResult(run_requests=requests, cursor=str(len(polled)))
+        return dg.SensorResult(run_requests=requests, asset_events=events, cursor=str(len(polled)))
 
     return FlowDefinitions(
         partitions=partitions,
@@ -302,6 +338,58 @@ def build_flow_definitions(
         status_sensor=status_sensor,
         planner_sensor=planner_sensor,
     )
+
+
+def ingest_run_key(job: ledger.JobRow) -> str:
+    """The run key of the job's next ingest run: provider job id (or client token) + terminal state,
+    and the attempt number once an ingest run of it has failed (Dagster never launches a used key)."""
+    key = f"{job.provider_job_id or job.client_token}:{job.state}"
+    return key if job.ingest_failures == 0 else f"{key}:attempt{job.ingest_failures + 1}"
+
+
+_ENDED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.SUCCESS)
+
+
+def _ended_run(instance: dg.DagsterInstance, run_key: str) -> dg.DagsterRun | None:
+    """The run launched under `run_key` if it has ended (the caller knows its shard is not ingested)."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": run_key}), limit=1)
+    return runs[0] if runs and runs[0].status in _ENDED else None
+
+
+def _run_error(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
+    """The failed step and its error's first line, or how the run ended."""
+    for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+        data = entry.dagster_event.step_failure_data if entry.dagster_event else None
+        error = data.error if data else None
+        while error is not None and error.cause is not None and error.cls_name == "DagsterExecutionStepExecutionError":
+            error = error.cause
+        if error is not None:
+            text = (error.message or "").strip().removeprefix(f"{error.cls_name}: ")
+            return f"{entry.step_key}: {text.splitlines()[0] if text else error.cls_name}"
+    return f"the run ended {run.status.value} without ingesting the shard"
+
+
+def _count_failed_ingest(conn: psycopg.Connection, instance: dg.DagsterInstance, job: ledger.JobRow,
+                         run: dg.DagsterRun, *, max_attempts: int, names: FlowNames
+                         ) -> tuple[ledger.JobRow | None, dg.AssetObservation | None]:
+    """Record the ended ingest run `run` of `job` as a failed attempt (job row and an observation of
+    its results partition); (None, None) when another tick recorded it first."""
+    failures = job.ingest_failures + 1
+    what = f"ingest run {run.run_id} of shard {job.shard_key} failed ({_run_error(instance, run)})"
+    if failures < max_attempts:
+        reason = f"{what}; retrying: attempt {failures + 1} of {max_attempts}"
+    else:
+        reason = (f"{what}; that was attempt {failures} of {max_attempts} (LEGAL_BATCH_INGEST_MAX_ATTEMPTS): the "
+                  "job-status sensor stops retrying it. Fix the cause, then ingest it: `dagster asset materialize "
+                  f"-m legal_batch --select {names.prefix}_batch_outputs,{names.results} --partition "
+                  f"{job.shard_key}`, or its ingest job in the UI")
+    updated = ledger.record_ingest_failure(conn, job, reason=reason)
+    if updated is None:
+        return None, None
+    return updated, dg.AssetObservation(
+        asset_key=names.results, partition=job.shard_key,
+        metadata={"ingest": "retrying" if failures < max_attempts else "stopped", "ingest_failures": failures,
+                  "ingest_max_attempts": max_attempts, "failed_run": run.run_id, "reason": reason})
 
 
 @contextmanager

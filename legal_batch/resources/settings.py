@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = 64
     shard_max_records: int | None = Field(default=None, description="Cap below the provider's own per-job limit.")
     max_attempts: int = 3
+    ingest_max_attempts: int = Field(default=3, ge=1, description="Ingest runs the job-status sensor launches "
+                                     "for one finished shard (a failed one is retried) before it stops and says so.")
     poll_interval: float = Field(default=60.0, ge=0, description="Seconds between status polls of `run --wait` "
                                  "(its --poll-interval wins).")
     openai_enqueued_token_limit: int | None = Field(

@@ -397,6 +397,11 @@ class TemplateFlow:
         self.model = model
         self.limit = limit
 
+    def job_params(self) -> dict:
+        """Nothing beyond the job row's provider and model: a run's templates, schema, mode and
+        prefix are kept with the run (``template_runs``) when it is staged."""
+        return {}
+
     def candidate_sql(self) -> tuple[str, dict]:
         sql = (
             f"SELECT {_SUBJECT_EXPR}, {_CUSTOM_ID_EXPR}, r.est_tokens,"

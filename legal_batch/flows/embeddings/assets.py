@@ -9,6 +9,7 @@ from __future__ import annotations
 import dagster as dg
 import psycopg
 
+from legal_batch.core import ledger
 from legal_batch.core.embeddings import (
     DONE_WITHOUT_RESULT_SQL,
     EmbeddingsFlow,
@@ -23,7 +24,10 @@ from legal_batch.resources import get_settings
 NAMES = FlowNames(flow="embeddings", prefix="embedding", results="case_embeddings")
 
 
-def make_flow(provider: BatchProvider, config: CandidatesConfig | None) -> EmbeddingsFlow:
+def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
+              job: ledger.JobRow | None = None) -> EmbeddingsFlow:
+    if job is not None and job.params is not None:
+        return EmbeddingsFlow.for_job(model=job.model, params=job.params)
     settings = get_settings()
     return EmbeddingsFlow(
         model=settings.embedding_model or provider.default_model("embeddings"),

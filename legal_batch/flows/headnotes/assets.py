@@ -29,8 +29,16 @@ PROCESS_STARTED = datetime.now(UTC)
 headnotes generated before this process started are regenerated, never the ones it writes."""
 
 
-def make_flow(provider: BatchProvider, config: CandidatesConfig | None) -> HeadnotesFlow:
+def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
+              job: ledger.JobRow | None = None) -> HeadnotesFlow:
+    """For planning: the settings, with the run's `overwrite` (and cut-off) from its config. For a
+    shard: what it was planned with (its job row), whichever process writes, submits or ingests it."""
+    if job is not None and job.params is not None:
+        return HeadnotesFlow.for_job(model=job.model, params=job.params)
     settings = get_settings()
+    overwrite = settings.headnote_overwrite or bool(config and config.overwrite)
+    before = (datetime.fromisoformat(config.overwrite_before) if config and config.overwrite_before
+              else settings.headnote_overwrite_before or PROCESS_STARTED)
     return HeadnotesFlow(
         model=settings.headnote_model or provider.default_model("chat"),
         few_shot=settings.headnote_few_shot,
@@ -38,9 +46,8 @@ def make_flow(provider: BatchProvider, config: CandidatesConfig | None) -> Headn
         max_tokens=settings.headnote_max_tokens,
         temperature=settings.headnote_temperature,
         limit_cases=config.limit if config else None,
-        overwrite=settings.headnote_overwrite,
-        overwrite_before=(settings.headnote_overwrite_before or PROCESS_STARTED) if settings.headnote_overwrite
-        else None,
+        overwrite=overwrite,
+        overwrite_before=before if overwrite else None,
         # `ProviderLimits.max_input_tokens` is the embedding input limit (see `batch.plan`): headnote
         # prompts are bounded by HEADNOTE_MAX_CHARS (150,000 characters ≈ 40K tokens), within every
         # supported chat model's context.
@@ -81,8 +88,8 @@ def estimate_candidates(context: dg.AssetExecutionContext, conn: psycopg.Connect
 
 def check_headnotes(conn: psycopg.Connection, job: ledger.JobRow) -> list[dg.AssetCheckResult]:
     settings = get_settings()
-    return headnote_checks(conn, job, max_tokens=settings.headnote_max_tokens,
-                           min_citation_rate=settings.headnote_min_citation_rate)
+    max_tokens = int((job.params or {}).get("max_tokens", settings.headnote_max_tokens))  # as submitted
+    return headnote_checks(conn, job, max_tokens=max_tokens, min_citation_rate=settings.headnote_min_citation_rate)
 
 
 DEFS = build_flow_definitions(
@@ -92,6 +99,7 @@ DEFS = build_flow_definitions(
     result_check_specs=HEADNOTE_CHECK_SPECS,
     result_checks=check_headnotes,
     done_without_result_sql=DONE_WITHOUT_RESULT_SQL,
+    overwritable=True,
     descriptions={
         "candidates": "Court judgments that need a headnote. Grain: one case (subject key = case id, custom id "
                       "case-<uuid>). Cases with non-empty full_text and no headnote (with "

@@ -36,8 +36,9 @@ from legal_batch.resources.providers import make_provider
 NAMES = FlowNames(flow=FLOW, prefix="template", results="template_results")
 
 
-def make_flow(provider: BatchProvider, config: CandidatesConfig | None) -> TemplateFlow:
-    return TemplateFlow(provider=provider.name, model=provider.default_model("chat"),
+def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
+              job: ledger.JobRow | None = None) -> TemplateFlow:
+    return TemplateFlow(provider=provider.name, model=job.model if job else provider.default_model("chat"),
                         limit=config.limit if config else None)
 
 

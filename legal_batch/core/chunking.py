@@ -1,34 +1,31 @@
 """Paragraph-aware chunking of judgments under a token budget (tiktoken `cl100k_base`).
 
 Chunks are contiguous slices of the judgment (`text[char_start:char_end]`), cut at paragraph
-boundaries where possible; a paragraph longer than the budget is cut at token boundaries. Each
-chunk after the first starts with up to `overlap_tokens` of the previous chunk's tail.
+boundaries where possible (blank-line, single-newline and CRLF layouts; see `core.segmentation`); a
+paragraph longer than the budget is cut between sentences, and a sentence longer than the budget
+between words (between characters in CJK text). Each chunk after the first starts with up to
+`overlap_tokens` of the previous chunk's tail, from the first sentence start in it (else the first
+word start): a chunk never starts or ends inside a word. A chunk holds one section of the judgment
+(`chunk_type`: header, facts, issues, reasoning, order, footnotes, or body when nothing says which).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
+from legal_batch.core.segmentation import (
+    SectionType,
+    sections,
+    sentence_start,
+    sentences,
+    word_end,
+    word_start,
+)
 from legal_batch.core.tokens import encoding
 
-ChunkType = Literal["header", "facts", "reasoning", "order", "body"]
-
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n+")
-_HEADING = re.compile(r"^[A-Z][A-Z0-9 ,.'&()\-:]{2,80}$")
-_SENTENCE_START = re.compile(r"[.!?;:]\s+(\S)")
-_NUMBERED = re.compile(r"^\d{1,4}\.\s")
-_SECTION_TYPES: tuple[tuple[re.Pattern[str], ChunkType], ...] = (
-    (re.compile(r"\b(ORDER|ORDERS|DISPOSITION|CONCLUSION|COSTS|SENTENCE|RESULT)\b"), "order"),
-    (re.compile(r"\b(FACTS|BACKGROUND|EVIDENCE|HISTORY|CIRCUMSTANCES)\b"), "facts"),
-    (
-        re.compile(r"\b(DISCUSSION|ANALYSIS|REASONS|REASONING|ISSUES?|LAW|GROUNDS?|SUBMISSIONS|APPEAL|DECISION)\b"),
-        "reasoning",
-    ),
-)
+ChunkType = SectionType
 
 
 @dataclass(frozen=True)
@@ -55,59 +52,56 @@ class _Unit:
     section: ChunkType
 
 
-def _paragraphs(text: str) -> Iterator[tuple[int, int]]:
-    pos = 0
-    for match in _PARAGRAPH_BREAK.finditer(text):
-        if match.start() > pos:
-            yield pos, match.start()
-        pos = match.end()
-    if pos < len(text):
-        yield pos, len(text)
-
-
-_JUDGMENT_START = re.compile(r"^(JUDGMENT|REASONS FOR (JUDGMENT|DECISION|VERDICT|SENTENCE)|DECISION|RULING)$")
-
-
-def _section_of(paragraph: str, current: ChunkType, started: bool) -> tuple[ChunkType, bool]:
-    """(section of this paragraph, whether the body has started).
-
-    Everything before the body (court, parties, coram, citation) is the header; the body starts at a
-    `JUDGMENT`-style heading or the first numbered paragraph. In the body a heading names the section."""
-    line = paragraph.strip()
-    is_heading = bool(_HEADING.match(line))
-    if not started:
-        if is_heading and _JUDGMENT_START.match(line):
-            return "header", True
-        if not _NUMBERED.match(line):
-            return "header", False
-        started = True
-        current = "body"
-    if is_heading:
-        for pattern, kind in _SECTION_TYPES:
-            if pattern.search(line):
-                return kind, started
-        return "body", started
-    return current, started
-
-
 def _units(text: str, max_tokens: int) -> Iterator[_Unit]:
-    """Paragraphs, with any paragraph over `max_tokens` cut at token boundaries."""
+    """Paragraphs, with any paragraph over `max_tokens` cut between sentences (or words)."""
     enc = encoding("cl100k_base")
-    section: ChunkType = "header"
-    started = False
-    for start, end in _paragraphs(text):
-        paragraph = text[start:end]
-        section, started = _section_of(paragraph, section, started)
-        tokens = enc.encode_ordinary(paragraph)
-        if len(tokens) <= max_tokens:
-            yield _Unit(start, end, len(tokens), section)
+    for start, end, section in sections(text):
+        tokens = len(enc.encode_ordinary(text[start:end]))
+        if tokens <= max_tokens:
+            yield _Unit(start, end, tokens, section)
             continue
-        offsets = _token_char_offsets(paragraph, tokens)
-        for i in range(0, len(tokens), max_tokens):
-            piece_start = start + offsets[i]
-            piece_end = start + offsets[i + max_tokens] if i + max_tokens < len(tokens) else end
-            if piece_end > piece_start:
-                yield _Unit(piece_start, piece_end, min(max_tokens, len(tokens) - i), section)
+        for piece_start, piece_end, piece_tokens in _sentence_groups(text, start, end, max_tokens):
+            yield _Unit(piece_start, piece_end, piece_tokens, section)
+
+
+def _sentence_groups(text: str, start: int, end: int, max_tokens: int) -> Iterator[tuple[int, int, int]]:
+    """`text[start:end]` as consecutive runs of whole sentences of at most `max_tokens` tokens each; a
+    sentence over the budget on its own is cut between words."""
+    enc = encoding("cl100k_base")
+    group_start: int | None = None
+    group_end = group_tokens = 0
+    for s, e in sentences(text, start, end):
+        tokens = len(enc.encode_ordinary(text[s:e])) + 1  # + the break before it
+        if group_start is not None and group_tokens + tokens > max_tokens:
+            yield group_start, group_end, len(enc.encode_ordinary(text[group_start:group_end]))
+            group_start = None
+        if tokens > max_tokens:
+            yield from _word_pieces(text, s, e, max_tokens)
+            continue
+        if group_start is None:
+            group_start, group_tokens = s, 0
+        group_end = e
+        group_tokens += tokens
+    if group_start is not None:
+        yield group_start, group_end, len(enc.encode_ordinary(text[group_start:group_end]))
+
+
+def _word_pieces(text: str, start: int, end: int, max_tokens: int) -> Iterator[tuple[int, int, int]]:
+    """`text[start:end]` cut into pieces of at most `max_tokens` tokens, each ending at a word end
+    (any character boundary in CJK text; a token boundary inside a single giant "word")."""
+    enc = encoding("cl100k_base")
+    pos = start
+    while pos < end:
+        tokens = enc.encode_ordinary(text[pos:end])
+        if len(tokens) <= max_tokens:
+            yield pos, end, len(tokens)
+            return
+        offsets = _token_char_offsets(text[pos:end], tokens)
+        cut = word_end(text, pos + max(offsets[max_tokens], 1), pos)
+        yield pos, cut, len(enc.encode_ordinary(text[pos:cut]))
+        pos = cut
+        while pos < end and text[pos].isspace():
+            pos += 1
 
 
 def _token_char_offsets(paragraph: str, tokens: list[int]) -> list[int]:
@@ -131,8 +125,8 @@ def _tail_start(text: str, start: int, end: int, overlap_tokens: int) -> int:
     tail_bytes = sum(len(enc.decode_single_token_bytes(t)) for t in tokens[-overlap_tokens:])
     raw = piece.encode("utf-8")
     tail = start + len(raw[: len(raw) - tail_bytes].decode("utf-8", errors="ignore"))
-    sentence = _SENTENCE_START.search(text, tail, end)
-    return sentence.start(1) if sentence else tail
+    sentence = sentence_start(text, tail, end)
+    return sentence if sentence is not None else word_start(text, tail, end)
 
 
 def chunk_text(text: str, *, max_tokens: int = 512, overlap_tokens: int = 64) -> list[Chunk]:

@@ -45,14 +45,44 @@ SYSTEM_INSTRUCTIONS = """\
 You are a senior law reporter preparing headnotes for a series of law reports. Write the headnote of \
 the judgment the user gives you, in this form and order:
 
-1. First line: the neutral citation — the court — the parties (the case name), separated by " — ".
+1. First line: the case's citation (its neutral citation, law report citation or case number, as the \
+judgment gives it) — the court — the parties (the case name), separated by " — ".
 2. "Catchwords:" the area of law and the points decided, as short phrases separated by " – ".
 3. "Held:" what the court decided and why, in one to three sentences, ending with the order made.
 4. "Summary:" a short summary (two to four sentences) of the material facts and the reasoning.
 
 Use only what the judgment says: do not invent facts, parties, authorities or citations. Write plain \
-text (no Markdown), in British English, in at most 350 words. If the judgment is marked as truncated, \
-write the headnote from the part you have and do not speculate about the rest."""
+text (no Markdown), in the language of the judgment, with the spelling and legal terms of its \
+jurisdiction, keeping the labels "Catchwords:", "Held:" and "Summary:" as they are, in at most 350 \
+words. If the judgment is marked as truncated, write the headnote from the part you have and do not \
+speculate about the rest."""
+
+BUILT_IN_EXAMPLES = (
+    "[2021] HKCA 512 — Court of Appeal — HKSAR v Lam Ka Fai\n"
+    "Catchwords: Criminal law – trafficking in a dangerous drug – courier – sentence – discount for plea\n"
+    "Held: The starting point of 12 years for 1.2 kg of methamphetamine accorded with the guidelines; a courier "
+    "plays an integral part in trafficking and the element of international trafficking justified an "
+    "enhancement of two years. Appeal against sentence dismissed.\n"
+    "Summary: The applicant was stopped at the boundary carrying a suitcase in which the drug was concealed. He "
+    "pleaded guilty and received the usual one-third discount. He argued that the judge double-counted the "
+    "cross-boundary element. The court held that the enhancement reflected a distinct aggravating feature.",
+    "128 N.E.3d 455 (Ill. App. Ct. 2019) — Appellate Court of Illinois — People v. Marsh\n"
+    "Catchwords: Criminal procedure – motion to suppress – consent to search – scope of consent\n"
+    "Held: A general consent to search a vehicle for \"anything illegal\" extends to closed containers inside it "
+    "that could hold the object of the search; the trial court did not err in denying the motion to suppress. "
+    "Affirmed.\n"
+    "Summary: Officers stopped the defendant for speeding and asked to search the car; he agreed. They opened a "
+    "closed bag on the back seat and found cocaine. The defendant argued that his consent did not reach the bag. "
+    "Applying the objective-reasonableness test, the court held that it did.",
+    "（2020）京01刑终123号 — 北京市第一中级人民法院 — 张某盗窃二审刑事裁定书\n"
+    "Catchwords: 刑法 – 盗窃罪 – 入户盗窃 – 量刑 – 上诉\n"
+    "Held: 上诉人张某以非法占有为目的，入户窃取他人财物，其行为已构成盗窃罪；原判认定事实清楚，证据确实、充分，量刑适当。"
+    "驳回上诉，维持原判。\n"
+    "Summary: 张某于2019年5月进入被害人住所，窃取现金及手机，价值共计人民币八千元。一审以盗窃罪判处其有期徒刑一年六个月。"
+    "张某以量刑过重为由提出上诉。二审法院认为其入户盗窃，依法应从重处罚，原判量刑并无不当。",
+)
+"""Headnotes of three kinds of judgment (Hong Kong, US, PRC), written for this product, used as the
+few-shot examples while `headnote_corpus` is empty: they show the form, not a house style."""
 
 TRUNCATION_MARKER = "[… judgment truncated at {kept:,} of {total:,} characters …]"
 
@@ -70,17 +100,42 @@ class CaseText:
 
 
 def system_prompt(examples: Sequence[str]) -> str:
-    """The instructions, followed by the few-shot examples (house style) when there are any."""
+    """The instructions, followed by the few-shot examples when there are any: the house style from
+    `headnote_corpus`, or (`BUILT_IN_EXAMPLES`) the form only."""
     if not examples:
         return SYSTEM_INSTRUCTIONS
     shown = "\n\n".join(f"Example {n}:\n{text.strip()}" for n, text in enumerate(examples, start=1))
+    if all(text in BUILT_IN_EXAMPLES for text in examples):
+        return (f"{SYSTEM_INSTRUCTIONS}\n\nExamples of the form, from judgments of other courts and languages (write "
+                f"in the language of the judgment you are given):\n\n{shown}")
     return f"{SYSTEM_INSTRUCTIONS}\n\nExamples of headnotes in the house style:\n\n{shown}"
+
+
+_NEUTRAL_CITATION = re.compile(r"^\[\d{4}\]\s+[A-Z]")
+_LANGUAGES = (("\u3040-\u30ff", "Japanese"), ("\uac00-\ud7af", "Korean"), ("\u3400-\u4dbf\u4e00-\u9fff", "Chinese"))
+
+
+def judgment_language(text: str) -> str | None:
+    """"Chinese", "Japanese" or "Korean" when at least a fifth of the judgment's first 5,000 letters
+    are of that script (kana or Hangul decide between them and Chinese), else None (a language
+    written in the Latin alphabet, read from the judgment itself)."""
+    sample = [c for c in text[:5_000] if c.isalpha()]
+    if not sample:
+        return None
+    for ranges, name in _LANGUAGES:
+        if len(re.findall(f"[{ranges}]", "".join(sample))) >= 0.2 * len(sample):
+            return name
+    return None
 
 
 def case_header(case: CaseText) -> str:
     """The user message up to the judgment text: the case's own metadata, where known."""
     lines = ["Write the headnote of this judgment."]
-    facts = [("Neutral citation", case.neutral_citation), ("Court", case.court), ("Case name", case.case_name),
+    if (language := judgment_language(case.full_text)) is not None:
+        lines.append(f"The judgment is in {language}: write the headnote in {language}.")
+    citation_label = ("Neutral citation" if case.neutral_citation and _NEUTRAL_CITATION.match(case.neutral_citation)
+                      else "Citation")
+    facts = [(citation_label, case.neutral_citation), ("Court", case.court), ("Case name", case.case_name),
              ("Date of judgment", case.decision_date.isoformat() if case.decision_date else None)]
     details = [f"{label}: {value}" for label, value in facts if value]
     if details:
@@ -144,7 +199,8 @@ def build_request(case: CaseText, *, system: str, max_chars: int, max_tokens: in
 
 
 def few_shot_examples(conn: psycopg.Connection, *, count: int, created_before: datetime | None = None) -> list[str]:
-    """The newest `count` headnotes of `headnote_corpus` (optionally only those created by a time)."""
+    """The newest `count` headnotes of `headnote_corpus` (optionally only those created by a time);
+    while it has none, the first `count` of `BUILT_IN_EXAMPLES`."""
     if count <= 0:
         return []
     rows = conn.execute(
@@ -153,7 +209,7 @@ def few_shot_examples(conn: psycopg.Connection, *, count: int, created_before: d
         " ORDER BY created_at DESC, id DESC LIMIT %(count)s",
         {"before": created_before, "count": count},
     ).fetchall()
-    return [text for (text,) in rows]
+    return [text for (text,) in rows] or list(BUILT_IN_EXAMPLES[:count])
 
 
 @dataclass(frozen=True)
@@ -233,7 +289,7 @@ class HeadnotesFlow:
         fixed_tokens, fixed_bytes = self._fixed_overhead()
         max_input = self.max_input_tokens if self.max_input_tokens is not None else 2**31 - 1
         sql = (
-            "WITH examples AS (SELECT coalesce(sum(octet_length(e.headnote_text)), 0) AS bytes"
+            "WITH examples AS (SELECT coalesce(sum(octet_length(e.headnote_text)), %(built_in_bytes)s) AS bytes"
             "   FROM (SELECT headnote_text FROM headnote_corpus WHERE btrim(headnote_text) <> ''"
             "         ORDER BY created_at DESC, id DESC LIMIT %(few_shot)s) e)"
             " SELECT k.id::text, 'case-' || k.id,"
@@ -253,6 +309,7 @@ class HeadnotesFlow:
         sql += " ORDER BY k.id"
         return sql, {
             "few_shot": max(self.few_shot, 0), "fixed_tokens": fixed_tokens, "fixed_bytes": fixed_bytes,
+            "built_in_bytes": sum(len(text.encode()) for text in BUILT_IN_EXAMPLES[:max(self.few_shot, 0)]),
             "max_chars": self.max_chars, "chars_per_token": CHARS_PER_TOKEN, "max_input": max_input,
             "overwrite": self.overwrite, "before": self.overwrite_before, "flow": FLOW, "limit": self.limit_cases,
         }

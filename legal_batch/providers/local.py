@@ -159,7 +159,12 @@ class LocalProvider:
             if self._fails(request.custom_id):
                 yield Result(request.custom_id, "realtime", number, error="server_error: injected failure")
                 continue
-            body = self._respond(request, model=model)
+            try:
+                body = self._respond(request, model=model)
+            except local_models.Unanswerable as exc:
+                yield Result(request.custom_id, "realtime", number, error=f"HTTP 400 invalid_request: {exc}",
+                             retryable=False)
+                continue
             yield openai_format.parse_response_body(
                 body, endpoint=endpoint, custom_id=request.custom_id, source="realtime", line_no=number
             )
@@ -173,6 +178,9 @@ class LocalProvider:
         return digest / 0xFFFFFFFF < self.fail_rate
 
     def _respond(self, request: Request, *, model: str) -> dict:
+        """The response body; raises `local_models.Unanswerable` for a request the model has no answer
+        to (a text without features to embed, a judgment without a holding or disposition), which
+        fails that item with the reason, like a provider's 400 for an invalid request."""
         if isinstance(request, EmbeddingRequest):
             vector = local_models.embed(request.text, dims=self.dimensions)
             tokens = count_tokens(request.text)
@@ -212,7 +220,12 @@ class LocalProvider:
                     err.write(_error_line(custom_id, 500, "server_error", "injected failure"))
                     continue
                 request = _request_of(line)
-                body = self._respond(request, model=job["model"])
+                try:
+                    body = self._respond(request, model=job["model"])
+                except local_models.Unanswerable as exc:
+                    failed += 1
+                    err.write(_error_line(custom_id, 400, "invalid_request", str(exc)))
+                    continue
                 out.write(dumps_line({"id": _rid(), "custom_id": custom_id,
                                       "response": {"status_code": 200, "request_id": _rid(), "body": body},
                                       "error": None}))

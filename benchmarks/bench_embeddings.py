@@ -412,7 +412,10 @@ def _database_url(admin_url: str, name: str) -> str:
 
 
 class Bench:
-    """Creates the throwaway databases and home, runs each stage in a child process, cleans up."""
+    """Creates the throwaway databases and home, runs each stage in a child process, cleans up.
+    `SCRIPT` is the benchmark whose `--stage` the child runs (a subclass names its own)."""
+
+    SCRIPT = Path(__file__).resolve()
 
     def __init__(self, *, keep: bool) -> None:
         from legal_batch.db import embedded
@@ -451,7 +454,7 @@ class Bench:
         log(f"stage {name} {json.dumps({k: v for k, v in params.items() if k != 'index_def'})} "
             f"(load average {os.getloadavg()[0]:.2f})")
         started = time.perf_counter()
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--stage", name, "--params",
+        subprocess.run([sys.executable, str(self.SCRIPT), "--stage", name, "--params",
                         json.dumps(params), "--out", str(out)], check=True, env=env, cwd=self.home,
                        stdout=sys.stderr)
         log(f"stage {name} took {time.perf_counter() - started:.1f} s")

@@ -28,14 +28,16 @@ def import_cases(
     path: Annotated[Path, typer.Argument(help="A file, or a folder of files (searched recursively).",
                                          show_default=False)],
     format: Annotated[str | None, typer.Option(
-        "--format", metavar="FORMAT", help="jsonl, csv, parquet or cap (default: each file's, from its name and contents).")] = None,
+        "--format", metavar="FORMAT",
+        help="jsonl, csv, parquet or cap (default: each file's, from its name and contents).")] = None,
     id_field: Annotated[str | None, typer.Option(
         metavar="FIELD", help="The record's id field (default: id, case_id or uuid).")] = None,
     text_field: Annotated[str | None, typer.Option(
         metavar="FIELD", help="The record's text field (default: full_text, text, body or content).")] = None,
     mapping: Annotated[list[str] | None, typer.Option(
-        "--map", metavar="COLUMN=FIELD", help="column=field: the field that fills a court_cases column, e.g. --map court=tribunal "
-                      "(repeatable; a dotted path reads nested JSON: --map court=court.name).")] = None,
+        "--map", metavar="COLUMN=FIELD",
+        help="The field that fills a court_cases column, e.g. --map court=tribunal (repeatable; a dotted "
+             "path reads nested JSON: --map court=court.name).")] = None,
 ) -> None:
     """Load JSONL, JSON, CSV/TSV, Parquet or Caselaw Access Project files (also .gz, .xz, .bz2) into
     court_cases: new cases inserted, changed ones updated, the same ones left alone. Lines that

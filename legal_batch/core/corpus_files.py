@@ -22,7 +22,7 @@ import sys
 import tempfile
 import zlib
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO, Literal, get_args
@@ -54,9 +54,11 @@ UNREADABLE = (OSError, EOFError, zlib.error, lzma.LZMAError, UnicodeDecodeError)
 """What reading raises when a file cannot be read on (besides pyarrow's errors for Parquet)."""
 
 _COMPRESSION_SUFFIXES = (".gz", ".xz", ".bz2")
-_SUFFIX_FAMILY = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
+Family = Literal["json", "csv", "parquet"]
+_SUFFIX_FAMILY: dict[str, Family] = {".jsonl": "json", ".ndjson": "json", ".json": "json",
+                                     ".csv": "csv", ".tsv": "csv",
                   ".parquet": "parquet", ".pq": "parquet"}
-_FORMAT_FAMILY = {"jsonl": "json", "cap": "json", "csv": "csv", "parquet": "parquet"}
+_FORMAT_FAMILY: dict[str, Family] = {"jsonl": "json", "cap": "json", "csv": "csv", "parquet": "parquet"}
 _SUPPORTED = ".jsonl, .ndjson, .json, .csv, .tsv, .parquet (each also .gz, .xz or .bz2)"
 _CAP_METADATA = re.compile(r"(Cases|Volumes?|Reporters?|Jurisdictions?|Courts?)Metadata\.json$")
 _READ_BUFFER = 1 << 20
@@ -73,7 +75,7 @@ class SourceFile:
 
     path: Path
     name: str
-    family: Literal["json", "csv", "parquet"]
+    family: Family
     cap: bool
     size: int
 
@@ -101,14 +103,13 @@ def _stem_suffix(path: Path) -> str:
     return Path(name).suffix
 
 
-def _sniff_family(path: Path) -> str | None:
+def _sniff_family(path: Path) -> Family | None:
     """json, csv or parquet from the first bytes of a file (decompressed), or None."""
-    with ExitStack() as stack:
-        try:
-            stream = stack.enter_context(_open_binary(path))
+    try:
+        with _open_binary(path) as stream:
             head = stream.read(4096)
-        except (OSError, EOFError, zlib.error, lzma.LZMAError):
-            return None
+    except UNREADABLE:
+        return None
     if head.startswith(b"PAR1"):
         return "parquet"
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -144,7 +145,7 @@ def find_sources(path: str | Path, *, format: str | None = None) -> Sources:
         if family is None:
             raise UserError(f"cannot tell the format of {root} from its name or contents: give --format "
                             f"({', '.join(FORMATS)})")
-        return Sources((SourceFile(root, str(path), family, format == "cap", root.stat().st_size),))  # type: ignore[arg-type]
+        return Sources((SourceFile(root, str(path), family, format == "cap", root.stat().st_size),))
     files: list[SourceFile] = []
     passed: list[str] = []
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -157,7 +158,7 @@ def find_sources(path: str | Path, *, format: str | None = None) -> Sources:
         elif family == "json" and _CAP_METADATA.search(file.name):
             passed.append(f"{relative} (CAP metadata, not cases)")
         else:
-            files.append(SourceFile(file, str(relative), family, format == "cap", file.stat().st_size))  # type: ignore[arg-type]
+            files.append(SourceFile(file, str(relative), family, format == "cap", file.stat().st_size))
     if not files:
         kinds = f"{format} files" if format else f"{_SUPPORTED} files"
         raise UserError(f"folder {root} holds no {kinds} to import"

@@ -48,6 +48,7 @@ from legal_batch.core.corpus_files import (
     read_records,
 )
 from legal_batch.core.errors import UserError
+from legal_batch.core.wording import plural
 
 __all__ = [
     "COLUMNS",
@@ -319,7 +320,8 @@ def to_case(record: Mapping[str, object], fields: FieldMap, *, cap_format: bool 
             why_no_text or f"fields tried: {', '.join(DEFAULT_FIELDS['full_text'])}")
         return Rejection("no text", f"the text is empty or missing ({where})")
 
-    texts = {column: _as_text(values.get(column)) for column in ("neutral_citation", "case_name", "court", "headnote")}
+    texts = {column: _as_text(values.get(column))
+             for column in ("neutral_citation", "case_name", "court", "headnote")}
     texts["full_text"] = text
     for column, value in texts.items():
         if value is None:
@@ -408,7 +410,7 @@ class ImportReport:
 
     def summary(self) -> list[str]:
         """The report as lines for a person."""
-        lines = [f"{self.files} file{'s' if self.files != 1 else ''}, {self.records_read:,} records read: "
+        lines = [f"{plural(self.files, 'file')}, {self.records_read:,} records read: "
                  f"{self.inserted:,} inserted, {self.updated:,} updated, {self.unchanged:,} unchanged, "
                  f"{self.skipped:,} skipped"]
         if self.skipped:
@@ -418,12 +420,11 @@ class ImportReport:
             lines.append(f"{self.notes:,} loaded with a value left empty (see the notes above)")
         if self.passed_over:
             shown = ", ".join(self.passed_over[:5]) + (", ..." if len(self.passed_over) > 5 else "")
-            lines.append(f"passed over {len(self.passed_over)} other file{'s' if len(self.passed_over) != 1 else ''}: "
-                         f"{shown}")
+            lines.append(f"passed over {plural(len(self.passed_over), 'other file')}: {shown}")
         if self.seconds > 0:
-            lines.append(f"{self.input_bytes / 1e6:,.1f} MB in {self.seconds:,.1f} s "
-                         f"({self.input_bytes / 1e6 / self.seconds:,.1f} MB/s, {self.records_read / self.seconds:,.0f} "
-                         f"records/s)")
+            megabytes = self.input_bytes / 1e6
+            lines.append(f"{megabytes:,.1f} MB in {self.seconds:,.1f} s ({megabytes / self.seconds:,.1f} MB/s, "
+                         f"{self.records_read / self.seconds:,.0f} records/s)")
         return lines
 
 
@@ -618,7 +619,8 @@ def _load_batch(conn: psycopg.Connection, batch: Iterator[_Staged], *, names: Se
     transaction. False when there was nothing left."""
     copied = 0
     with conn.transaction(), conn.cursor() as cursor:
-        with cursor.copy(f"COPY cases_import_stage ({', '.join(_STAGE_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+        columns = ", ".join(_STAGE_COLUMNS)
+        with cursor.copy(f"COPY cases_import_stage ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(list(_STAGE_TYPES))
             chars = 0
             for staged in batch:

@@ -364,6 +364,20 @@ def test_a_mapped_field_a_record_lacks_is_skipped_and_a_missing_column_skips_the
         "(the file is not read)"]
 
 
+def test_csv_rows_with_bad_bytes_or_the_wrong_number_of_fields_are_skipped(conn, tmp_path):
+    (tmp_path / "rows.csv").write_bytes(b"id,text,court\n"
+                                        b"R1,Fine.,High Court\n"
+                                        b"R2,Bad byte \xff here.,High Court\n"
+                                        b"R3,One field too many,High Court,extra\n"
+                                        b'R4,"A quoted cell\nover two lines.",High Court\n')
+    report, skipped = _import(conn, Path("rows.csv"))  # the working directory is tmp_path
+    assert report.inserted == 2
+    assert skipped == ["rows.csv:3: invalid UTF-8: full_text is not valid UTF-8",
+                       "rows.csv:4: bad row: 4 fields where the header has 3 (a quote not closed, or a ',' not "
+                       "quoted?)"]
+    assert _rows(conn)[_uuid5("R4")][4] == "A quoted cell\nover two lines."
+
+
 def test_a_truncated_gzip_keeps_what_came_before(conn, tmp_path):
     whole = gzip.compress("".join(json.dumps(_case(f"T{i}", "x" * 2000 + str(i))) + "\n"
                                   for i in range(200)).encode())

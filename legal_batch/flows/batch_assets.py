@@ -30,12 +30,15 @@ class CandidatesConfig(dg.Config):
     """`limit`: at most this many source records (cases, rows) this run; unset = all.
     `overwrite` (flows with results to overwrite: headnotes): also regenerate results made before
     `overwrite_before` (ISO 8601; unset = when the planning process started). Both are stored with
-    each shard planned (`batch_jobs.params`), so its submit and ingest use them too."""
+    each shard planned (`batch_jobs.params`), so its submit and ingest use them too.
+    `provider`: plan with this provider instead of the flow's `LEGAL_BATCH_<FLOW>_PROVIDER` (each
+    shard's job row names its provider)."""
 
     limit: int | None = None
     max_shards: int = 100
     overwrite: bool = False
     overwrite_before: str | None = None
+    provider: str | None = None
 
 
 class MakeFlow(Protocol):
@@ -109,7 +112,7 @@ def build_flow_definitions(
         if config.overwrite and not overwritable:
             raise dg.Failure(description=f"the {names.flow} flow has nothing to overwrite: run it without "
                                          "`overwrite` in the config", allow_retries=False)
-        provider = providers.for_flow(names.flow)
+        provider = providers.named(config.provider) if config.provider else providers.for_flow(names.flow)
         flow = make_flow(provider, config)
         with _clear_failures(), database.connect() as conn:
             prepared = prepare(context, conn, config) if prepare else {}

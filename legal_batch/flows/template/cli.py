@@ -7,11 +7,8 @@ Running the same command again continues the same run (nothing is staged or subm
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -29,22 +26,6 @@ err = Console(stderr=True)
 
 EXAMPLE_DIR = Path(__file__).resolve().parent / "example"
 _PROVIDER_ENV = "LEGAL_BATCH_TEMPLATE_PROVIDER"
-
-
-@contextmanager
-def _template_provider(name: str) -> Iterator[None]:
-    """Point this process's `template` flow (and so its Dagster jobs) at provider `name`, then restore."""
-    before = os.environ.get(_PROVIDER_ENV)
-    os.environ[_PROVIDER_ENV] = name
-    get_settings(fresh=True)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(_PROVIDER_ENV, None)
-        else:
-            os.environ[_PROVIDER_ENV] = before
-        get_settings(fresh=True)
 
 
 def _say(text: str) -> None:
@@ -153,9 +134,10 @@ def _run_batch(provider_name: str, *, wait: bool, poll_interval: float, timeout:
     from legal_batch.definitions import FLOWS_BY_NAME, defs
     from legal_batch.flows.runner import FlowRunner
 
-    with _template_provider(provider_name):
-        flow_run = FlowRunner(FLOWS_BY_NAME["template"], defs, flow="template", echo=_say).run(
-            wait=wait, poll_interval=poll_interval, timeout=timeout)
+    # the provider is the planning run's config; each shard keeps it on its job row for submit and ingest
+    flow_run = FlowRunner(FLOWS_BY_NAME["template"], defs, flow="template", echo=_say,
+                          plan_config={"provider": provider_name}).run(
+        wait=wait, poll_interval=poll_interval, timeout=timeout)
     if flow_run.failed_runs:
         _error(f"{plural(len(flow_run.failed_runs), 'Dagster run')} failed: {', '.join(flow_run.failed_runs)}; see "
                "`dagster dev` → Runs. Rows of refused or failed jobs are answered in real time.")

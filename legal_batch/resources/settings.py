@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     headnote_overwrite: bool = Field(default=False, description="Also regenerate existing headnotes.")
     headnote_overwrite_before: datetime | None = Field(
         default=None, description="With overwrite: regenerate headnotes generated before this instant "
-        "(unset → before this process started); `legal-batch headnotes run --overwrite` sets it."
+        "(unset → before the planning process started). `legal-batch headnotes run --overwrite` passes its own "
+        "cut-off in the run's config instead; either is kept with each shard planned."
     )
 
     @field_validator("budget_usd")

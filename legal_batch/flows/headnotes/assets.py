@@ -5,7 +5,10 @@
 
 Configuration (`LEGAL_BATCH_*`): `HEADNOTES_PROVIDER`, `HEADNOTE_MODEL`, `HEADNOTE_FEW_SHOT`,
 `HEADNOTE_MAX_CHARS`, `HEADNOTE_MAX_TOKENS`, `HEADNOTE_TEMPERATURE`, and `HEADNOTE_OVERWRITE` (with
-`HEADNOTE_OVERWRITE_BEFORE`) to regenerate existing headnotes.
+`HEADNOTE_OVERWRITE_BEFORE`) to regenerate existing headnotes — or, for one run, `overwrite` (and
+`overwrite_before`) in `headnote_candidates`' config, as `legal-batch headnotes run --overwrite` does.
+What a shard was planned with is kept on its job row (`batch_jobs.params`) and used for its request
+file, submit and ingest, whichever process runs them.
 """
 
 from __future__ import annotations
@@ -102,8 +105,8 @@ DEFS = build_flow_definitions(
     overwritable=True,
     descriptions={
         "candidates": "Court judgments that need a headnote. Grain: one case (subject key = case id, custom id "
-                      "case-<uuid>). Cases with non-empty full_text and no headnote (with "
-                      "LEGAL_BATCH_HEADNOTE_OVERWRITE, also older ones) and no open or failed ledger item are "
+                      "case-<uuid>). Cases with non-empty full_text and no headnote (with overwrite in the run's "
+                      "config or LEGAL_BATCH_HEADNOTE_OVERWRITE, also older ones) and no open or failed ledger item are "
                       "cut into shards under the provider's limits. Metadata: the run's estimated tokens and "
                       "cost (output at max_tokens per request) at batch and real-time prices. Idempotent: "
                       "in-flight and done cases are never planned again.",

@@ -19,7 +19,7 @@ Stages, all against throwaway databases `lb_bench_<random>` on the embedded serv
              index-less temp copy of case_embeddings, (c) `core.batch.ingest_shard` without the HNSW
              index, (e) the HNSW build after that bulk load, (d) `ingest_shard` with the index present,
              and the ingest of a `--small-ingest-lines` file (peak RSS must not grow with the file);
-4. e2e       empty database → seed → the whole local flow through Dagster (`flows.runner.FlowRunner`)
+4. e2e       empty database → seed → the whole local flow through Dagster (`flows.runner.FlowDriver`)
              → HNSW index present → one search query.
 
 `ingest_vs_limit` = (c) rate / min((a) rate, (b) rate), where (a) is our parser
@@ -78,7 +78,7 @@ def _conn():
 
 
 def _settings():
-    from legal_batch.resources.settings import get_settings
+    from legal_batch.settings import get_settings
 
     return get_settings(fresh=True)
 
@@ -96,7 +96,7 @@ def _local_provider(*, max_records: int | None = None):
 
 
 def _flow(provider):
-    from legal_batch.core.embeddings import EmbeddingsFlow
+    from legal_batch.flows.embeddings.flow import EmbeddingsFlow
 
     return EmbeddingsFlow(model=provider.default_model("embeddings"), dimensions=_settings().embedding_dimensions)
 
@@ -115,7 +115,7 @@ def stage_seed(params: dict) -> Figures:
 
 def stage_export(params: dict) -> Figures:
     from legal_batch.core import batch
-    from legal_batch.core.embeddings import sync_chunks
+    from legal_batch.flows.embeddings.flow import sync_chunks
 
     settings = _settings()
     provider = _local_provider()
@@ -152,8 +152,8 @@ def stage_export(params: dict) -> Figures:
 
 def _ensure_chunks(conn, needed: int) -> int:
     """Seed and chunk more demo cases until `case_chunks` holds at least `needed` chunks."""
-    from legal_batch.core.embeddings import sync_chunks
     from legal_batch.core.seed import seed_demo_cases
+    from legal_batch.flows.embeddings.flow import sync_chunks
 
     settings = _settings()
     while True:
@@ -191,8 +191,8 @@ def _output_lines(custom_ids: list[str], *, model: str, dimensions: int, seed: i
 def stage_ingest_setup(params: dict) -> Figures:
     """One completed shard per requested size: planned, written and submitted for real, output replaced."""
     from legal_batch.core import batch, ledger
-    from legal_batch.core.embeddings import FLOW
     from legal_batch.core.jsonl import atomic_writer
+    from legal_batch.flows.embeddings.flow import FLOW
     from legal_batch.providers import openai_format
 
     settings = _settings()
@@ -300,7 +300,7 @@ def _copy_rows(copy, keys, vectors, model: str) -> None:
 def _copy_blocks(copy, keys, vectors, model: str) -> None:
     """The whole COPY stream built with numpy (`core.embeddings.binary_copy_data`, what the sink
     uses): the cheapest client side we know."""
-    from legal_batch.core.embeddings import binary_copy_data
+    from legal_batch.flows.embeddings.flow import binary_copy_data
 
     copy.write(binary_copy_data([str(case_id) for case_id, _ in keys], [index for _, index in keys], vectors,
                                 model=model))
@@ -352,11 +352,11 @@ def stage_index_build(params: dict) -> Figures:
 
 def stage_e2e(params: dict) -> Figures:
     """Empty database → seed → the local flow through Dagster → HNSW index present → one search."""
-    from legal_batch.core.search import search
     from legal_batch.core.seed import seed_demo_cases
     from legal_batch.db import upgrade
     from legal_batch.definitions import FLOWS_BY_NAME, defs
-    from legal_batch.flows.runner import FlowRunner
+    from legal_batch.driver import FlowDriver
+    from legal_batch.flows.embeddings.search import search
     from legal_batch.providers.base import EmbeddingRequest
 
     cases = params["cases"]
@@ -365,7 +365,7 @@ def stage_e2e(params: dict) -> Figures:
     with _conn() as conn:
         seed_demo_cases(conn, cases=cases)
     seeded = time.perf_counter()
-    runner = FlowRunner(FLOWS_BY_NAME["embeddings"], defs, flow="embeddings", echo=log)
+    runner = FlowDriver(FLOWS_BY_NAME["embeddings"], defs, flow="embeddings", echo=log)
     run = runner.run(wait=True, poll_interval=0.05)
     if run.failed_runs:
         raise RuntimeError(f"Dagster runs failed: {run.failed_runs}")
@@ -502,7 +502,7 @@ def run(args: argparse.Namespace) -> Figures:
 
 def _hnsw_definition() -> str:
     """The HNSW index exactly as the pipeline builds it after a load (`ensure_vector_index`)."""
-    from legal_batch.core.embeddings import HNSW_INDEX_SQL
+    from legal_batch.flows.embeddings.flow import HNSW_INDEX_SQL
 
     return " ".join(HNSW_INDEX_SQL.split()).replace(" IF NOT EXISTS", "")
 

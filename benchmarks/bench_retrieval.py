@@ -11,7 +11,7 @@ Python process:
 
 1. load     the judgments into `court_cases` (`core.corpus_import` when present, else — or with
             `--loader insert` — plain INSERTs of the raw records; the case id is a uuid5 of the record's `id`);
-2. embed    the whole local flow through the Dagster definitions (`flows.runner.FlowRunner`: chunk,
+2. embed    the whole local flow through the Dagster definitions (`flows.runner.FlowDriver`: chunk,
             plan, request files, submit, poll, ingest) with the `local` provider;
 3. query    each query embedded by the provider's real-time path; cases ranked by their best chunk
             (exact cosine distance over every chunk, no index), so a case appears once in a ranking.
@@ -138,9 +138,9 @@ def stage(params: dict) -> dict:
     import legal_batch
     from legal_batch.db import connect
     from legal_batch.definitions import FLOWS_BY_NAME, defs
-    from legal_batch.flows.runner import FlowRunner
+    from legal_batch.driver import FlowDriver
     from legal_batch.providers.local import LocalProvider
-    from legal_batch.resources.settings import get_settings
+    from legal_batch.settings import get_settings
 
     log(f"code under test: {Path(legal_batch.__file__).parent}")
     corpus = Path(params["corpus"])
@@ -151,7 +151,7 @@ def stage(params: dict) -> dict:
     with connect(url) as conn:
         cases, loader = _load(conn, corpus)
     loaded = time.perf_counter()
-    run = FlowRunner(FLOWS_BY_NAME["embeddings"], defs, flow="embeddings", echo=log).run(wait=True,
+    run = FlowDriver(FLOWS_BY_NAME["embeddings"], defs, flow="embeddings", echo=log).run(wait=True,
                                                                                       poll_interval=0.05)
     if run.failed_runs:
         raise RuntimeError(f"Dagster runs failed: {run.failed_runs}")

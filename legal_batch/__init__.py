@@ -1,8 +1,5 @@
 """legal_batch: provider batch-API LLM workloads over court judgments, orchestrated by Dagster.
 
-`dagster job execute -m legal_batch -j <job>` loads `defs` from here.
+Deliberately empty: importing a part (e.g. `legal_batch.core.chunking`) must not load Dagster or every
+flow. The Dagster definitions are `legal_batch.definitions.defs`.
 """
-
-from legal_batch.definitions import defs
-
-__all__ = ["defs"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Annotated, NoReturn
 
 import typer
@@ -21,8 +22,8 @@ from typer.core import TyperOption
 from legal_batch.core.errors import RunFailed, UserError
 from legal_batch.core.wording import plural
 from legal_batch.db.connection import DatabaseError
-from legal_batch.resources.providers import FlowName
-from legal_batch.resources.settings import get_settings
+from legal_batch.flows.registry import FLOWS, flow_names
+from legal_batch.settings import get_settings
 
 
 def _flag_type(display_type_rich: Callable) -> Callable:
@@ -138,7 +139,7 @@ def db_stop() -> None:
 @app.command("dagster-home")
 def dagster_home_command() -> None:
     """Create (if needed) and print the Dagster home under $LEGAL_BATCH_HOME, for `dagster dev`."""
-    from legal_batch.flows.runner import dagster_home
+    from legal_batch.driver import dagster_home
 
     print(dagster_home())
 
@@ -218,11 +219,11 @@ def _flow_defs(flow: str):
 
 def _flow_run(flow: str, *, limit: int | None, wait: bool, poll_interval: float, timeout: float | None,
               plan_config: dict | None = None):
-    from legal_batch.flows.runner import FlowRunner
+    from legal_batch.driver import FlowDriver
 
     _check_flow(flow)
     flow_defs, defs = _flow_defs(flow)
-    runner = FlowRunner(flow_defs, defs, flow=flow, echo=console.print, plan_config=plan_config)
+    runner = FlowDriver(flow_defs, defs, flow=flow, echo=console.print, plan_config=plan_config)
     return runner.finish(runner.run(limit=limit, wait=wait, poll_interval=poll_interval, timeout=timeout))
 
 
@@ -277,24 +278,24 @@ def _flow_app(flow: str, *, overwritable: bool = False) -> typer.Typer:
     def export(limit: Annotated[int | None, typer.Option(help="At most N source records.")] = None,
                overwrite: Annotated[bool, _OVERWRITE_OPTION] = False) -> None:
         """Prepare candidates and cut them into shards (request files are written on submit)."""
-        from legal_batch.flows.runner import FlowRun, FlowRunner
+        from legal_batch.driver import FlowDriver, FlowRun
 
         _at_least("--limit", limit, 1)
         plan_config = _plan_config(flow, overwritable, overwrite)
         _check_flow(flow)
         flow_defs, defs = _flow_defs(flow)
-        runner = FlowRunner(flow_defs, defs, flow=flow, echo=console.print, plan_config=plan_config)
+        runner = FlowDriver(flow_defs, defs, flow=flow, echo=console.print, plan_config=plan_config)
         runner.plan(FlowRun(flow), limit=limit)
 
     @sub.command("submit")
     def submit() -> None:
         """Write and submit every planned shard (each exactly once)."""
-        from legal_batch.flows.runner import FlowRun, FlowRunner
+        from legal_batch.driver import FlowDriver, FlowRun
 
         _check_flow(flow)
         flow_defs, defs = _flow_defs(flow)
         run = FlowRun(flow)
-        FlowRunner(flow_defs, defs, flow=flow, echo=console.print).submit_pending(run)
+        FlowDriver(flow_defs, defs, flow=flow, echo=console.print).submit_pending(run)
         if not run.submitted:
             console.print("no planned shards to submit")
 
@@ -313,11 +314,11 @@ def _flow_app(flow: str, *, overwritable: bool = False) -> typer.Typer:
     @sub.command("ingest")
     def ingest() -> None:
         """Poll once, then download and ingest every finished shard."""
-        from legal_batch.flows.runner import FlowRunner
+        from legal_batch.driver import FlowDriver
 
         _check_flow(flow)
         flow_defs, defs = _flow_defs(flow)
-        runner = FlowRunner(flow_defs, defs, flow=flow, echo=console.print)
+        runner = FlowDriver(flow_defs, defs, flow=flow, echo=console.print)
         state = runner.new_run()
         left = runner.tick_status(state)
         console.print(f"{plural(left, 'job')} still open")
@@ -346,17 +347,23 @@ def _flow_app(flow: str, *, overwritable: bool = False) -> typer.Typer:
     return sub
 
 
-for _flow in ("embeddings", "headnotes"):
-    app.add_typer(_flow_app(_flow, overwritable=_flow == "headnotes"), name=_flow)
-app.add_typer(__import__("legal_batch.flows.template.cli", fromlist=["app"]).app, name="template")
+for _entry in FLOWS:
+    app.add_typer(_flow_app(_entry.name, overwritable=_entry.overwritable) if _entry.standard_cli
+                  else _entry.cli_app(), name=_entry.name)
 app.add_typer(__import__("legal_batch.cases_cli", fromlist=["app"]).app, name="cases")
 
 
 # -- ledger and search --------------------------------------------------------------------------------
 
+FlowChoice = StrEnum("FlowChoice", [(name, name) for name in flow_names()])
+"""The registered flows, as the choices of `--flow`."""
+_FLOW_OPTION = typer.Option(help="Only this flow.")
+
+
 @app.command("jobs")
-def jobs(flow: Annotated[FlowName | None, typer.Option(help="Only this flow.")] = None) -> None:
+def jobs(flow: Annotated[FlowChoice | None, _FLOW_OPTION] = None) -> None:
     """The ledger: one row per provider job, and items by state."""
+    flow = None if flow is None else str(flow)
     from legal_batch.core import ledger, quota
     from legal_batch.providers.base import QUOTA_KINDS
 
@@ -395,7 +402,7 @@ def jobs(flow: Annotated[FlowName | None, typer.Option(help="Only this flow.")] 
 def search(query: Annotated[str, typer.Argument(help="What to look for.")],
            k: Annotated[int, typer.Option(help="Number of chunks (1 or more).")] = 5) -> None:
     """Semantic search over case_embeddings with the configured embeddings provider."""
-    from legal_batch.core.search import search as run_search
+    from legal_batch.flows.embeddings.search import search as run_search
     from legal_batch.providers.base import EmbeddingRequest
 
     if not query.strip():
@@ -428,8 +435,9 @@ def search(query: Annotated[str, typer.Argument(help="What to look for.")],
 
 
 @app.command("verify")
-def verify(flow: Annotated[FlowName | None, typer.Option(help="Only this flow.")] = None) -> None:
+def verify(flow: Annotated[FlowChoice | None, _FLOW_OPTION] = None) -> None:
     """Prove from the database alone that every item is in exactly one state and nothing is lost."""
+    flow = None if flow is None else str(flow)
     from legal_batch.core.verify import verify as run_verify
     from legal_batch.definitions import DONE_WITHOUT_RESULT
 
@@ -453,7 +461,7 @@ def _failed_check_warnings(flows: list[str]) -> list[str]:
     """The asset checks of these flows whose latest evaluation failed, read from the Dagster
     instance the CLI and `make dev` share (warnings: the ledger itself may still be consistent)."""
     from legal_batch.definitions import FLOWS_BY_NAME
-    from legal_batch.flows.runner import instance
+    from legal_batch.driver import instance
 
     dagster = instance()
     warnings = []

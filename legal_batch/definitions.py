@@ -1,26 +1,31 @@
-"""Assembles the Dagster definitions; nothing else."""
+"""Assembles the Dagster definitions from the flow registry; nothing else.
+
+`dagster dev` / `dagster job execute -m legal_batch.definitions` load `defs` from here (see
+`workspace.yaml` and `[tool.dagster]` in `pyproject.toml`)."""
+
+from collections.abc import Iterable
 
 import dagster as dg
 
-from legal_batch.core.embeddings import DONE_WITHOUT_RESULT_SQL as EMBEDDINGS_DONE_WITHOUT_RESULT
-from legal_batch.core.headnotes import DONE_WITHOUT_RESULT_SQL as HEADNOTES_DONE_WITHOUT_RESULT
-from legal_batch.core.template.flow import DONE_WITHOUT_RESULT_SQL as TEMPLATE_DONE_WITHOUT_RESULT
-from legal_batch.flows.embeddings.assets import DEFS as EMBEDDINGS
-from legal_batch.flows.headnotes.assets import DEFS as HEADNOTES
-from legal_batch.flows.template.assets import DEFS as TEMPLATE
+from legal_batch.flows.registry import FLOWS, FlowEntry
 from legal_batch.resources import DatabaseResource, FileStoreResource, ProvidersResource
 
-FLOWS_BY_NAME = {"embeddings": EMBEDDINGS, "headnotes": HEADNOTES, "template": TEMPLATE}
-DONE_WITHOUT_RESULT = {"embeddings": EMBEDDINGS_DONE_WITHOUT_RESULT, "headnotes": HEADNOTES_DONE_WITHOUT_RESULT,
-                       "template": TEMPLATE_DONE_WITHOUT_RESULT}
 
-defs = dg.Definitions(
-    assets=[asset for flow in FLOWS_BY_NAME.values() for asset in flow.assets],
-    jobs=[job for flow in FLOWS_BY_NAME.values() for job in flow.jobs],
-    sensors=[sensor for flow in FLOWS_BY_NAME.values() for sensor in flow.sensors],
-    resources={
-        "database": DatabaseResource(),
-        "files": FileStoreResource(),
-        "providers": ProvidersResource(),
-    },
-)
+def build_definitions(entries: Iterable[FlowEntry]) -> dg.Definitions:
+    """One `Definitions` holding every listed flow's assets, jobs and sensors, and the resources."""
+    flows = [entry.definitions() for entry in entries]
+    return dg.Definitions(
+        assets=[asset for flow in flows for asset in flow.assets],
+        jobs=[job for flow in flows for job in flow.jobs],
+        sensors=[sensor for flow in flows for sensor in flow.sensors],
+        resources={
+            "database": DatabaseResource(),
+            "files": FileStoreResource(),
+            "providers": ProvidersResource(),
+        },
+    )
+
+
+FLOWS_BY_NAME = {entry.name: entry.definitions() for entry in FLOWS}
+DONE_WITHOUT_RESULT = {entry.name: entry.done_without_result_sql() for entry in FLOWS}
+defs = build_definitions(FLOWS)

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from legal_batch.db import connect, embedded, upgrade
-from legal_batch.resources.settings import Settings, get_settings
+from legal_batch.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_DB = f"lb_test_template_{uuid.uuid4().hex[:8]}"  # per test session: sessions may run at once

@@ -19,7 +19,7 @@ import pytest
 
 from legal_batch.core.errors import UserError
 from legal_batch.core.wording import plural
-from legal_batch.resources.settings import get_settings
+from legal_batch.settings import get_settings
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("legal-batch")
 CLOSED_PORT_URL = "postgresql://lb:s3cret@127.0.0.1:1/legal_batch"

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from legal_batch.providers.base import (
     TERMINAL_STATES,
     BatchProvider,
     JobStatus,
+    PollsMany,
     ProviderError,
     ProviderQuotaError,
     Result,
@@ -380,28 +381,94 @@ class Polled:
 
 
 def poll_open_jobs(conn: psycopg.Connection, providers: Callable[[str], BatchProvider], *, flow: str,
-                   max_jobs: int = 50, time_budget_s: float = 40.0,
+                   max_jobs: int | None = None, time_budget_s: float = 40.0,
                    policy: QuotaPolicy | None = None) -> list[Polled]:
-    """Poll the least recently updated open jobs (bounded in count and time); record their status.
+    """Poll the flow's open jobs, least recently updated first, and record their status: at most
+    `max_jobs` (None: all) and for at most about `time_budget_s` seconds — jobs not reached wait for
+    the next call, and are then first.
 
-    Each job is polled under its row lock, taken with SKIP LOCKED: concurrent pollers (sensor ticks,
-    CLI runs) take different jobs, and a slow poller's stale answer never moves a job back.
-    Returns every polled job; terminal ones are ready for download and ingest."""
-    started = time.monotonic()
+    A provider that reports many jobs in one call (`PollsMany`: OpenAI and Azure list their batches,
+    100 a page) is asked once for all of its jobs here — 1,000 open jobs cost ~10 calls, not 1,000.
+    Each status is then recorded under the job's row lock, taken with SKIP LOCKED, and only if it
+    moves the job forward (pending → running → finished) or, at the same step, if no other poller
+    recorded the job since the status was fetched: a status fetched before another poller recorded
+    a newer one never undoes it, and a job resubmitted meanwhile (new provider job) is not touched.
+    Other providers, and jobs a listing did not show, are polled one at a time under the row lock.
+    Returns every job whose status was recorded; terminal ones are ready for download and ingest."""
+    deadline = time.monotonic() + time_budget_s
+    policy = policy or QuotaPolicy()
+    named: dict[str, BatchProvider] = {}
+
+    def provider_for(name: str) -> BatchProvider:  # one client per provider for the whole call
+        if name not in named:
+            named[name] = providers(name)
+        return named[name]
+
+    listed = ledger.list_jobs(conn, flow=flow, states=_POLLED_STATES, limit=max_jobs)
+    fetched = _poll_many(conn, listed, provider_for)
     polled: list[Polled] = []
-    for listed in ledger.list_jobs(conn, flow=flow, states=_POLLED_STATES, limit=max_jobs):
-        if time.monotonic() - started > time_budget_s:
+    for entry in listed:
+        if time.monotonic() > deadline:
             break
         with conn.transaction():
-            job = ledger.lock_job(conn, listed.id, states=_POLLED_STATES)
-            entry = None if job is None else _poll_locked(conn, providers(job.provider), job,
-                                                          policy or QuotaPolicy())
-        if entry is not None:
-            polled.append(entry)
+            job = ledger.lock_job(conn, entry.id, states=_POLLED_STATES)
+            if job is None:
+                continue  # another poller holds it, or it left the open states
+            provider = provider_for(job.provider)
+            answer = fetched.get(job.id)
+            if answer is not None and job.provider_job_id == entry.provider_job_id:
+                status, asked_at = answer
+                recorded = _record_fetched(conn, provider, job, status, asked_at, policy)
+            else:
+                recorded = _poll_locked(conn, provider, job, policy)
+        if recorded is not None:
+            polled.append(recorded)
     return polled
 
 
 _POLLED_STATES = ("submitting", "pending", "running")
+_STEP = {"submitting": 0, "pending": 1, "running": 2}
+"""How far a job has come; every terminal state is step 3. A recorded status never lowers it."""
+_LISTING_MARGIN = timedelta(hours=1)
+"""How much earlier than our `submitted_at` a provider may have stamped a job's creation (clocks)."""
+
+
+def _step(state: str) -> int:
+    return 3 if state in TERMINAL_STATES else _STEP.get(state, 0)
+
+
+def _poll_many(conn: psycopg.Connection, jobs: list[JobRow], provider_for: Callable[[str], BatchProvider]
+               ) -> dict[int, tuple[JobStatus, datetime]]:
+    """Statuses of the jobs whose provider reports many at once (`PollsMany`), by job id, each with
+    the database time just before it was asked."""
+    by_provider: dict[str, list[JobRow]] = {}
+    for job in jobs:
+        if job.provider_job_id is not None:
+            by_provider.setdefault(job.provider, []).append(job)
+    fetched: dict[int, tuple[JobStatus, datetime]] = {}
+    for name, group in by_provider.items():
+        provider = provider_for(name)
+        if not isinstance(provider, PollsMany):
+            continue
+        stamps = [job.submitted_at for job in group if job.submitted_at is not None]
+        created_after = min(stamps) - _LISTING_MARGIN if len(stamps) == len(group) else None
+        asked_at = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+        statuses = provider.poll_many([job.provider_job_id or "" for job in group], created_after=created_after)
+        for job in group:
+            status = statuses.get(job.provider_job_id or "")
+            if status is not None:
+                fetched[job.id] = (status, asked_at)
+    return fetched
+
+
+def _record_fetched(conn: psycopg.Connection, provider: BatchProvider, job: JobRow, status: JobStatus,
+                    asked_at: datetime, policy: QuotaPolicy) -> Polled | None:
+    """Record a status fetched before the job's row lock was taken, unless it would move the job
+    back: a lower step never, the same step only if nobody recorded the job since it was asked."""
+    step, now = _step(status.state), _step(job.state)
+    if step < now or (step == now and job.updated_at > asked_at):
+        return None
+    return _record_status(conn, provider, job, status, policy)
 
 
 def _poll_locked(conn: psycopg.Connection, provider: BatchProvider, job: JobRow,
@@ -412,7 +479,12 @@ def _poll_locked(conn: psycopg.Connection, provider: BatchProvider, job: JobRow,
             return None  # a submit is in flight or crashed before the provider call; submit reconciles
         _record_submitted(conn, job, found)
         job = ledger.get_job(conn, job.shard_key)
-    status = provider.poll(job.provider_job_id or "")
+    return _record_status(conn, provider, job, provider.poll(job.provider_job_id or ""), policy)
+
+
+def _record_status(conn: psycopg.Connection, provider: BatchProvider, job: JobRow, status: JobStatus,
+                   policy: QuotaPolicy) -> Polled:
+    """Record the provider's status of a row-locked job (inside the caller's transaction)."""
     if status.quota_exceeded:
         _requeue_for_quota(conn, provider, job, status.message or status.raw_status, policy=policy)
         return Polled(ledger.get_job(conn, job.shard_key), status)

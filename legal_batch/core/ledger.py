@@ -27,7 +27,6 @@ from legal_batch.core.quota import QuotaTooSmall
 from legal_batch.providers.base import ProviderLimits
 
 ITEM_OPEN_STATES = ("exported", "submitted")
-JOB_OPEN_STATES = ("planned", "exported", "submitting", "pending", "running")
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,8 @@ def plan_shards(
     stable order). Candidates over the model's input-token limit are recorded as failed items.
     `job_params` (the flow's per-run options, JSON) is stored on every new job row.
     Runs under an advisory transaction lock per flow: a concurrent planner waits, then sees these
-    items as open and skips them.
+    items as open and skips them. Candidates stream from a server-side cursor and each shard is
+    recorded as soon as it is cut, so memory stays flat however many candidates there are.
     """
     shard_keys: list[str] = []
     planned = rejected = held_back = 0
@@ -198,11 +198,10 @@ def plan_shards(
                     else:
                         yield candidate
 
-        shards = list(cut_shards(fitting(), limits)) if max_shards is None else _first(
-            cut_shards(fitting(), limits), max_shards + 1)
-        if too_big:
-            rejected = _record_rejected(conn, flow, too_big, limits.max_input_tokens)
-        for shard in shards:
+        # Shard by shard as the candidates stream in: memory holds one shard, however many there are.
+        # The cursor's snapshot is taken when it opens, so the items claimed below do not change
+        # which candidates it returns.
+        for shard in cut_shards(fitting(), limits):
             if max_shards is not None and len(shard_keys) >= max_shards:
                 break
             mode = "realtime" if len(shard) < limits.min_records else "batch"
@@ -219,6 +218,8 @@ def plan_shards(
             _claim_items(conn, flow, job_id, shard)
             shard_keys.append(shard_key)
             planned += len(shard)
+        if too_big:
+            rejected = _record_rejected(conn, flow, too_big, limits.max_input_tokens)
     return PlanResult(shard_keys, planned, rejected, held_back)
 
 
@@ -264,15 +265,6 @@ def split_shard(conn: psycopg.Connection, job: JobRow, *, max_tokens: int, min_r
                last_error=f"split into {len(keys)} shards of at most {max_tokens:,} tokens to fit the provider's "
                           f"queue quota: {', '.join(keys)}")
     return keys
-
-
-def _first(shards: Iterator[list[Candidate]], count: int) -> list[list[Candidate]]:
-    taken = []
-    for shard in shards:
-        taken.append(shard)
-        if len(taken) >= count:
-            break
-    return taken
 
 
 def new_client_token() -> str:
@@ -392,13 +384,6 @@ def record_ingest_failure(conn: psycopg.Connection, job: JobRow, *, reason: str)
             f" WHERE id = %s AND ingest_failures = %s AND state <> 'ingested' RETURNING {_JOB_COLUMNS}",
             (reason, job.id, job.ingest_failures),
         ).fetchone()
-
-
-def set_items_state(conn: psycopg.Connection, job_id: int, *, from_states: tuple[str, ...], to_state: str) -> int:
-    return conn.execute(
-        "UPDATE batch_items SET state = %s, updated_at = now() WHERE job_id = %s AND state = ANY(%s)",
-        (to_state, job_id, list(from_states)),
-    ).rowcount
 
 
 def release_items(conn: psycopg.Connection, job_id: int, *, reason: str, max_attempts: int) -> tuple[int, int]:

@@ -28,7 +28,6 @@ from functools import lru_cache
 
 import numpy as np
 
-MODEL_NAME = "local-lexical-v1"
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _TOKEN = re.compile(f"([{_CJK}]+)|((?:(?![{_CJK}])[^\\W_])+)")
 _STOP = frozenset([
@@ -109,7 +108,8 @@ def embed(text: str, *, dims: int = 1024) -> np.ndarray:
     slots = np.fromiter((_slot(f, dims) for f in weights), dtype=np.int64, count=len(weights))
     values = np.log1p(np.fromiter(weights.values(), dtype=np.float64, count=len(weights)))
     positive = slots >= 0
-    vector = np.bincount(slots[positive], weights=values[positive], minlength=dims)
+    # float64 even when one side is empty (the bincount of nothing is an int array)
+    vector = np.bincount(slots[positive], weights=values[positive], minlength=dims).astype(np.float64)
     vector -= np.bincount(-slots[~positive] - 1, weights=values[~positive], minlength=dims)
     norm = float(np.linalg.norm(vector))
     if norm == 0.0:  # every feature cancelled another out in the signed hash: astronomically unlikely

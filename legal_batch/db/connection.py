@@ -6,7 +6,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 
 from legal_batch.db import embedded
-from legal_batch.resources.settings import Settings
+from legal_batch.settings import Settings
 
 
 class DatabaseError(RuntimeError):
@@ -18,12 +18,6 @@ def database_url(settings: Settings) -> str:
     if settings.database_url:
         return settings.database_url
     return embedded.start(settings.home_dir)
-
-
-def dagster_storage_url(url: str) -> str:
-    """The same database as a SQLAlchemy URL for dagster-postgres (which needs psycopg2)."""
-    scheme, _, rest = url.partition("://")
-    return f"postgresql+psycopg2://{rest}" if scheme in ("postgresql", "postgres") else url
 
 
 def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection:

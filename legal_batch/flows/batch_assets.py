@@ -384,7 +384,7 @@ def _count_failed_ingest(conn: psycopg.Connection, instance: dg.DagsterInstance,
     else:
         reason = (f"{what}; that was attempt {failures} of {max_attempts} (LEGAL_BATCH_INGEST_MAX_ATTEMPTS): the "
                   "job-status sensor stops retrying it. Fix the cause, then ingest it: `dagster asset materialize "
-                  f"-m legal_batch --select {names.prefix}_batch_outputs,{names.results} --partition "
+                  f"-m legal_batch.definitions --select {names.prefix}_batch_outputs,{names.results} --partition "
                   f"{job.shard_key}`, or its ingest job in the UI")
     updated = ledger.record_ingest_failure(conn, job, reason=reason)
     if updated is None:

@@ -30,7 +30,7 @@ from legal_batch.providers.base import (
     UnsupportedRequest,
 )
 from legal_batch.providers.openai import OpenAIStyleProvider
-from legal_batch.resources.settings import Settings
+from legal_batch.settings import Settings
 
 DEPLOYMENT_VARIABLE = "AZURE_OPENAI_BATCH_DEPLOYMENT"
 NO_EMBEDDINGS = ("Azure OpenAI Global Batch does not support embeddings; use "

@@ -3,13 +3,15 @@
 A provider formats request lines, uploads and submits a request file as a batch job, polls it
 (normalised state and counts), downloads its output and error files, streams results from them,
 cancels, finds a job again by our client token, and offers a real-time path for small sets and
-fallback. Limits are stated per provider in `ProviderLimits`.
+fallback. Limits are stated per provider in `ProviderLimits`. A provider that can report many
+jobs in one call says so by implementing `PollsMany`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -171,4 +173,17 @@ class BatchProvider(Protocol):
 
     def realtime(self, requests: Iterable[Request], *, endpoint: Endpoint, model: str) -> Iterator[Result]:
         """Serve requests directly (small sets, fallback), with bounded concurrency and retries."""
+        ...
+
+
+@runtime_checkable
+class PollsMany(Protocol):
+    """An optional capability of a `BatchProvider`: the status of many jobs in a few calls (OpenAI and
+    Azure OpenAI list their batches, 100 a page). Without it, jobs are polled one `poll` at a time."""
+
+    def poll_many(self, provider_job_ids: Sequence[str], *,
+                  created_after: datetime | None = None) -> dict[str, JobStatus]:
+        """The status of each job found, by provider job id. `created_after`: none of the jobs was
+        created before it (a hint for where to stop looking). Jobs left out of the answer (not found,
+        or a status the provider cannot normalise) are for the caller to `poll` one by one."""
         ...

@@ -74,7 +74,7 @@ from legal_batch.providers.base import (
     UnsupportedRequest,
 )
 from legal_batch.providers.openai_format import first_non_number
-from legal_batch.resources.settings import Settings
+from legal_batch.settings import Settings
 
 log = logging.getLogger("legal_batch")
 

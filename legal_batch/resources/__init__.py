@@ -12,7 +12,7 @@ import psycopg
 from legal_batch.db import connect, database_url, upgrade
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources.providers import make_provider, provider_name_for
-from legal_batch.resources.settings import Settings, get_settings
+from legal_batch.settings import Settings, get_settings
 
 _UPGRADED: set[str] = set()
 

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
+from legal_batch.flows.registry import entry
 from legal_batch.providers.base import BatchProvider, ProviderName
-from legal_batch.resources.settings import Settings
-
-FlowName = Literal["embeddings", "headnotes", "template"]
+from legal_batch.settings import Settings
 
 
-def provider_name_for(flow: FlowName, settings: Settings) -> ProviderName:
-    return {
-        "embeddings": settings.embeddings_provider,
-        "headnotes": settings.headnotes_provider,
-        "template": settings.template_provider,
-    }[flow]
+def provider_name_for(flow: str, settings: Settings) -> ProviderName:
+    """The provider the flow is configured to use (its `LEGAL_BATCH_<FLOW>_PROVIDER`)."""
+    return entry(flow).provider_name(settings)  # type: ignore[return-value]
 
 
 def make_provider(name: str, settings: Settings) -> BatchProvider:

@@ -3,6 +3,7 @@ and one batch of early-closed items (5,000): rows in pgvector, bit for bit, and 
 
 from __future__ import annotations
 
+import base64
 import uuid
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import psycopg
 import pytest
 
 from legal_batch.core import batch, ledger
-from legal_batch.core.embeddings import EmbeddingsFlow, EmbeddingSink
 from legal_batch.core.flow import Item
+from legal_batch.flows.embeddings.flow import EmbeddingsFlow, EmbeddingSink
 from legal_batch.providers.base import Result
 from legal_batch.providers.local import LocalProvider
 
@@ -175,3 +176,41 @@ def test_a_failed_write_leaves_the_whole_shard_untouched_even_items_closed_early
     assert ledger.get_job(conn, job.shard_key).state == "completed"
     report = batch.ingest_shard(conn, EmbeddingsFlow(model=MODEL), provider, job.shard_key, files=[output])
     assert report.done == 6_000 and report.rows_written == 6_000
+
+
+def test_base64_output_is_stored_bit_for_bit_and_a_malformed_vector_fails_only_its_item(lb_env, conn):
+    """OpenAI output with `encoding_format: "base64"` (little-endian float32 bytes) through the real
+    ingest: vectors land in pgvector exactly; a line whose vector is not base64, not whole float32s
+    or of the wrong size leaves its item retryable with the file and line in the reason."""
+    _chunks(conn, 40)
+    job, output, provider = _completed_shard(conn, lb_env.home_dir, 40)
+    lines = [orjson.loads(line) for line in output.read_bytes().splitlines()]
+    vectors = {}
+    for obj in lines:
+        data = obj["response"]["body"]["data"][0]
+        vector = np.asarray(data["embedding"], dtype="<f4")
+        vectors[obj["custom_id"]] = vector
+        data["embedding"] = base64.b64encode(vector.tobytes()).decode()
+    bad = {4: ("not base64 at all!", "embedding is not valid base64"),
+           9: (base64.b64encode(b"\0" * 4_090).decode(), "decodes to 4090 bytes, not a whole number of float32"),
+           17: (base64.b64encode(np.ones(512, dtype="<f4").tobytes()).decode(),
+                "vector has 512 components, expected 1024")}
+    for index, (embedding, _) in bad.items():
+        lines[index]["response"]["body"]["data"][0]["embedding"] = embedding
+    output.write_bytes(b"".join(orjson.dumps(obj) + b"\n" for obj in lines))
+
+    report = batch.ingest_shard(conn, EmbeddingsFlow(model=MODEL), provider, job.shard_key, files=[output])
+
+    assert (report.done, report.retryable, report.failed) == (37, 3, 0)
+    reasons = dict(conn.execute("SELECT custom_id, last_error FROM batch_items WHERE job_id = %s"
+                                " AND state = 'retryable'", (job.id,)).fetchall())
+    for index, (_, message) in bad.items():
+        reason = reasons[lines[index]["custom_id"]]
+        assert message in reason and f"output.jsonl:{index + 1}" in reason and job.provider_job_id in reason
+    subjects = dict(conn.execute("SELECT custom_id, subject_key FROM batch_items WHERE job_id = %s",
+                                 (job.id,)).fetchall())
+    stored = _stored(conn)
+    assert len(stored) == 37
+    for custom_id, vector in vectors.items():
+        if custom_id not in reasons:
+            assert np.array_equal(stored[subjects[custom_id]], vector), custom_id

@@ -80,3 +80,11 @@ def test_a_featureless_chunk_fails_its_item_in_a_batch_job(tmp_path: Path):
     assert results["chunk-1"].vector is None and not results["chunk-1"].retryable
     assert "no words or characters" in (results["chunk-1"].error or "")
     assert results["chunk-2"].vector is not None
+
+
+def test_a_text_whose_features_all_hash_to_one_sign_still_embeds():
+    from legal_batch.core.lexical import embed
+
+    for text in ("w12", "x", "7", "法"):
+        vector = embed(text, dims=8)
+        assert vector.shape == (8,) and abs(float((vector ** 2).sum()) - 1.0) < 1e-5

@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from legal_batch.core.headnotes import (
+from legal_batch.flows.headnotes.flow import (
     BUILT_IN_EXAMPLES,
     SYSTEM_INSTRUCTIONS,
     CaseText,

@@ -63,7 +63,7 @@ def scalar(conn: psycopg.Connection, sql: str, *params: object) -> object:
 def verify_cli() -> tuple[int, str]:
     """`legal-batch verify` (in this process: the same command, without another interpreter start-up)."""
     from legal_batch.cli import app
-    from legal_batch.resources.settings import get_settings
+    from legal_batch.settings import get_settings
 
     get_settings(fresh=True)
     result = CliRunner().invoke(app, ["verify"])

@@ -16,10 +16,10 @@ import orjson
 import psycopg
 
 from legal_batch.core import batch, ledger
-from legal_batch.core.embeddings import DONE_WITHOUT_RESULT_SQL, EmbeddingsFlow, sync_chunks
 from legal_batch.core.seed import seed_demo_cases
 from legal_batch.core.verify import verify
 from legal_batch.db import connect
+from legal_batch.flows.embeddings.flow import DONE_WITHOUT_RESULT_SQL, EmbeddingsFlow, sync_chunks
 from legal_batch.providers.base import JobStatus, SubmittedJob
 from legal_batch.providers.local import LocalProvider
 from legal_batch_tests.e2e.support import (

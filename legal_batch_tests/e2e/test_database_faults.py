@@ -16,14 +16,14 @@ import psycopg
 import pytest
 
 from legal_batch.core import batch, ledger
-from legal_batch.core.embeddings import DONE_WITHOUT_RESULT_SQL, EmbeddingsFlow
 from legal_batch.core.seed import seed_demo_cases
 from legal_batch.core.verify import verify
 from legal_batch.db import connect
 from legal_batch.definitions import FLOWS_BY_NAME, defs
-from legal_batch.flows.runner import FlowRun, FlowRunner
+from legal_batch.driver import FlowDriver, FlowRun
+from legal_batch.flows.embeddings.flow import DONE_WITHOUT_RESULT_SQL, EmbeddingsFlow
 from legal_batch.resources.providers import make_provider
-from legal_batch.resources.settings import get_settings
+from legal_batch.settings import get_settings
 
 EMB = FLOWS_BY_NAME["embeddings"]
 
@@ -69,7 +69,7 @@ class BackendKiller(threading.Thread):
 
 def finished_shard(conn: psycopg.Connection, instance: dg.DagsterInstance) -> ledger.JobRow:
     """One shard planned, submitted and finished on the local provider, through the real code."""
-    runner = FlowRunner(EMB, defs, flow="embeddings", echo=lambda _: None, dagster_instance=instance)
+    runner = FlowDriver(EMB, defs, flow="embeddings", echo=lambda _: None, dagster_instance=instance)
     run = FlowRun("embeddings")
     runner.plan(run, limit=None)
     runner.submit_pending(run)

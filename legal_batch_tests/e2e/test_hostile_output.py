@@ -21,10 +21,10 @@ import psycopg
 import pytest
 
 from legal_batch.core import batch, ledger
-from legal_batch.core.embeddings import DONE_WITHOUT_RESULT_SQL, EmbeddingsFlow, sync_chunks
 from legal_batch.core.seed import seed_demo_cases
 from legal_batch.core.verify import verify
 from legal_batch.db import connect
+from legal_batch.flows.embeddings.flow import DONE_WITHOUT_RESULT_SQL, EmbeddingsFlow, sync_chunks
 from legal_batch.providers.azure_openai import AzureOpenAIProvider
 from legal_batch.providers.base import BatchProvider
 from legal_batch.providers.bedrock import BedrockProvider

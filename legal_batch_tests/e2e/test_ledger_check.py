@@ -8,7 +8,7 @@ import dagster as dg
 
 from legal_batch.core.seed import seed_demo_cases
 from legal_batch.definitions import FLOWS_BY_NAME, defs
-from legal_batch.flows.runner import FlowRunner
+from legal_batch.driver import FlowDriver
 from legal_batch_tests.e2e.support import verify_cli
 
 EMB = FLOWS_BY_NAME["embeddings"]
@@ -22,7 +22,7 @@ def candidates_check(instance: dg.DagsterInstance) -> dg.AssetCheckEvaluation:
 
 def test_ledger_consistent_check_passes_then_names_what_is_wrong(lb_env, conn, dagster_instance) -> None:
     seed_demo_cases(conn, cases=2)
-    FlowRunner(EMB, defs, flow="embeddings", echo=lambda _: None, dagster_instance=dagster_instance).run(
+    FlowDriver(EMB, defs, flow="embeddings", echo=lambda _: None, dagster_instance=dagster_instance).run(
         wait=True, poll_interval=0)
     healthy = candidates_check(dagster_instance)
     assert healthy.passed

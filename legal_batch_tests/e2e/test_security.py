@@ -18,15 +18,15 @@ import psycopg
 import pytest
 
 from legal_batch.core import batch, ledger
-from legal_batch.core.embeddings import EmbeddingsFlow, sync_chunks
 from legal_batch.core.seed import seed_demo_cases
 from legal_batch.definitions import FLOWS_BY_NAME, defs
-from legal_batch.flows.runner import FlowRun, FlowRunner
+from legal_batch.driver import FlowDriver, FlowRun
+from legal_batch.flows.embeddings.flow import EmbeddingsFlow, sync_chunks
 from legal_batch.providers.base import ProviderError
 from legal_batch.providers.bedrock import JOB_NAME_RE, BedrockProvider, job_name_for
 from legal_batch.providers.local import LocalProvider
 from legal_batch.resources.providers import make_provider
-from legal_batch.resources.settings import get_settings
+from legal_batch.settings import get_settings
 from legal_batch_tests.conftest import ROOT
 from legal_batch_tests.emulators.openai_batch import OpenAIBatchEmulator
 
@@ -71,7 +71,7 @@ ECHO = {"error": {"message": f"Incorrect API key provided: {WRONG}. You can find
 
 
 @pytest.fixture
-def openai_runner(lb_env, conn, dagster_instance, emulator, monkeypatch, caplog) -> FlowRunner:
+def openai_runner(lb_env, conn, dagster_instance, emulator, monkeypatch, caplog) -> FlowDriver:
     """The embeddings flow on the OpenAI emulator with the right key, run once to the end."""
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
@@ -79,7 +79,7 @@ def openai_runner(lb_env, conn, dagster_instance, emulator, monkeypatch, caplog)
     monkeypatch.setenv("LEGAL_BATCH_EMBEDDINGS_PROVIDER", "openai")
     get_settings(fresh=True)
     seed_demo_cases(conn, cases=2)
-    runner = FlowRunner(FLOWS_BY_NAME["embeddings"], defs, flow="embeddings", echo=print,
+    runner = FlowDriver(FLOWS_BY_NAME["embeddings"], defs, flow="embeddings", echo=print,
                         dagster_instance=dagster_instance)
     first = runner.run(wait=True, poll_interval=0)
     assert first.failed_runs == [] and conn.execute("SELECT count(*) FROM case_embeddings").fetchone()[0] > 0

@@ -18,8 +18,9 @@ or ``/openai/v1`` for Azure's v1 API — ``api-version`` optional)::
 Auth: OpenAI paths take ``Authorization: Bearer <key>``; Azure paths take an ``api-key`` header
 (``Authorization: Bearer <key>`` is accepted too, standing in for an Entra ID token).
 
-The lifecycle is validating -> in_progress -> finalizing -> completed, moved by ``advance`` (or by
-each ``GET /batches/{id}`` when ``auto_advance`` is set). Input lines are validated when the batch
+The lifecycle is validating -> in_progress -> finalizing -> completed, moved by ``advance`` (or,
+when ``auto_advance`` is set, one step each time a client looks at the batch: ``GET /batches/{id}``,
+or a ``GET /batches`` page that lists it; batches in ``held`` stay where they are). Input lines are validated when the batch
 leaves ``validating``, as the real services do: the batch is created, then fails with ``errors``.
 Results are produced when the batch enters ``completed``; output lines are shuffled (joined on
 ``custom_id`` by consumers), failures go to a separate error file, and the providers' traps are
@@ -29,6 +30,11 @@ the unanswered lines in the error file as ``batch_expired``; a finished cancella
 first ``cancel_completed_fraction`` of the lines (default none) and leaves the rest out of both
 files, so consumers must requeue whatever has no result. Batch lists are per flavour (an Azure
 client does not see OpenAI batches); files and batch ids are shared.
+
+Embeddings are deterministic unit vectors (``embedding_vector``), returned as the request's
+``encoding_format`` asks, as the API documents: ``float`` (the default, a JSON list) or ``base64``
+(the little-endian float32 bytes, base64-encoded); any other value is a 400 ``invalid_value`` on
+that line. ``latency_s`` adds a delay to every HTTP answer (a network round trip, for benchmarks).
 
 Enqueued-token quota (``enqueued_token_limit``, per model or for every model): as the services
 document it, ``POST /batches`` does not refuse a batch over the quota — the batch is created and
@@ -419,6 +425,10 @@ class OpenAIBatchEmulator:
         self.quota_check: Literal["validation", "create"] = "validation"
         self.quota_states_limit = True
         self.quota_refusals = 0
+        self.latency_s = 0.0
+        """Seconds added before every answer (outside the lock: concurrent requests wait in parallel)."""
+        self.held: set[str] = set()
+        """Batches ``auto_advance`` leaves where they are (say, someone else's long batch); ``advance`` moves them."""
         self._lock = threading.RLock()
         self._faults: list[_Rule] = []
         self._delays: list[_Rule] = []
@@ -555,6 +565,20 @@ class OpenAIBatchEmulator:
                 self._batch(batch_id), [{"code": code, "message": message, "line": line, "param": None}]
             )
 
+    def copy_batch(self, batch_id: str, *, metadata: dict[str, str] | None = None) -> str:
+        """A new batch, listed as the newest, with the input file, endpoint and status of ``batch_id``
+        and its own ``metadata``: a quick way to hold many batches (1,000 for a status sweep).
+        The source must not have finished (its results are not copied). Returns the new id."""
+        with self._lock:
+            source = self._batch(batch_id)
+            if source["status"] in TERMINAL_STATUSES:
+                raise ValueError(f"batch {batch_id} is already {source['status']}; copy it before it finishes")
+            batch = {**source, "id": _new_id("batch_"), "metadata": metadata,
+                     "request_counts": dict(source["request_counts"]), "_processed": False,
+                     "output_file_id": None, "error_file_id": None}
+            self.batches[batch["id"]] = batch
+            return str(batch["id"])
+
     # ------------------------------------------------------------- dispatching
 
     def _dispatch(self, request: RecordedRequest) -> _Response:
@@ -563,6 +587,8 @@ class OpenAIBatchEmulator:
             self.requests.append(request)
             delay = self._take(self._delays, request)
             fault = self._take(self._faults, request)
+        if self.latency_s > 0:
+            time.sleep(self.latency_s)
         if delay is not None:
             time.sleep(delay.seconds)
         if fault is not None:
@@ -816,7 +842,7 @@ class OpenAIBatchEmulator:
     def _api_get_batch(self, ctx: _Context) -> JSON:
         with self._lock:
             batch = self._batch(ctx.params[0])
-            if self.auto_advance:
+            if self.auto_advance and batch["id"] not in self.held:
                 self.advance(batch["id"])
             return self._public(batch)
 
@@ -833,9 +859,14 @@ class OpenAIBatchEmulator:
 
     def _api_list_batches(self, ctx: _Context) -> JSON:
         with self._lock:
-            batches = [b for b in reversed(self.batches.values()) if b["_flavour"] == ctx.flavour]
-            newest_first = [self._public(b) for b in batches]
-        return self._page(newest_first, ctx.request.query, default_limit=20)
+            newest_first = [b for b in reversed(self.batches.values()) if b["_flavour"] == ctx.flavour]
+            page = self._page(newest_first, ctx.request.query, default_limit=20)
+            if self.auto_advance:
+                for batch in page["data"]:
+                    if batch["id"] not in self.held:
+                        self.advance(batch["id"])
+            page["data"] = [self._public(b) for b in page["data"]]  # only the page's batches
+        return page
 
     @staticmethod
     def _page(items: list[JSON], query: dict[str, str], *, default_limit: int) -> JSON:
@@ -1156,11 +1187,17 @@ class OpenAIBatchEmulator:
         dimensions = body.get("dimensions", self.dimensions_default)
         if not isinstance(dimensions, int) or dimensions < 1:
             raise _LineError(400, "invalid_value", "'dimensions' must be a positive integer.")
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            raise _LineError(
+                400, "invalid_value",
+                f"Invalid value {encoding!r} for 'encoding_format'; supported: 'float', 'base64'.",
+            )
         data = []
         for index, text in enumerate(texts):
             vector = embedding_vector(text, dimensions)
             encoded: list[float] | str = vector
-            if body.get("encoding_format") == "base64":
+            if encoding == "base64":  # the float32 bytes, little-endian, as the API documents
                 encoded = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
             data.append({"object": "embedding", "index": index, "embedding": encoded})
         tokens = sum(_tokens(text) for text in texts)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -130,6 +132,26 @@ def test_embeddings_are_deterministic_and_match_the_real_time_path(
     assert real_time.data[0].embedding == pytest.approx(from_batch, abs=1e-6)
     assert real_time.data[1].embedding != pytest.approx(from_batch, abs=1e-6)
     assert emulator.requests[-1].path == "/v1/embeddings"
+
+
+def test_base64_embeddings_are_the_little_endian_float32_bytes_of_the_float_ones(client: openai.OpenAI) -> None:
+    lines = [embedding_line("floats", "the same judgment"), embedding_line("bytes", "the same judgment"),
+             embedding_line("list", ["one text", "two texts"]), embedding_line("odd", "x")]
+    lines[1]["body"]["encoding_format"] = "base64"
+    lines[2]["body"]["encoding_format"] = "base64"
+    lines[3]["body"]["encoding_format"] = "int8"
+    batch = poll(client, submit(client, lines).id)
+
+    by_id = {line["custom_id"]: line for line in download(client, batch.output_file_id)}
+    floats = by_id["floats"]["response"]["body"]["data"][0]["embedding"]
+    encoded = by_id["bytes"]["response"]["body"]["data"][0]["embedding"]
+    assert isinstance(encoded, str) and len(encoded) == 4 * math.ceil(8 * 4 / 3)  # 8 dims × 4 bytes
+    assert base64.b64decode(encoded) == struct.pack("<8f", *floats)
+    assert [isinstance(item["embedding"], str) for item in by_id["list"]["response"]["body"]["data"]] == [True] * 2
+    (odd,) = download(client, batch.error_file_id)
+    assert odd["custom_id"] == "odd" and odd["response"]["status_code"] == 400
+    assert odd["response"]["body"]["error"]["code"] == "invalid_value"
+    assert "'encoding_format'" in odd["response"]["body"]["error"]["message"]
 
 
 def test_openai_error_file_is_null_when_nothing_fails(client: openai.OpenAI) -> None:

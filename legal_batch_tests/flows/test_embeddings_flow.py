@@ -13,14 +13,14 @@ from typer.testing import CliRunner
 from legal_batch.core import batch, ledger
 from legal_batch.core.seed import seed_demo_cases
 from legal_batch.definitions import FLOWS_BY_NAME, defs
-from legal_batch.flows.runner import FlowRun, FlowRunner
-from legal_batch.resources.settings import get_settings
+from legal_batch.driver import FlowDriver, FlowRun
+from legal_batch.settings import get_settings
 
 EMB = FLOWS_BY_NAME["embeddings"]
 
 
-def runner(instance: dg.DagsterInstance) -> FlowRunner:
-    return FlowRunner(EMB, defs, flow="embeddings", echo=lambda _: None, dagster_instance=instance)
+def runner(instance: dg.DagsterInstance) -> FlowDriver:
+    return FlowDriver(EMB, defs, flow="embeddings", echo=lambda _: None, dagster_instance=instance)
 
 
 def items_by_state(conn: psycopg.Connection) -> dict[str, int]:
@@ -125,7 +125,7 @@ def test_unusable_cases_and_oversize_chunks_fail_with_a_reason_and_the_rest_is_e
 
 
 def test_nul_characters_in_text_are_refused_before_any_request(lb_env, conn):
-    from legal_batch.core.embeddings import _unusable, sync_chunks
+    from legal_batch.flows.embeddings.flow import _unusable, sync_chunks
 
     # Postgres text cannot store NUL (psycopg refuses it), so the check guards text from other loaders
     with pytest.raises(psycopg.DataError):
@@ -184,14 +184,14 @@ def test_hostile_output_lines_fail_only_their_items(lb_env, conn, dagster_instan
 
 
 def EMB_FLOW():
-    from legal_batch.core.embeddings import EmbeddingsFlow
+    from legal_batch.flows.embeddings.flow import EmbeddingsFlow
 
     return EmbeddingsFlow(model="local-lexical-v1")
 
 
 def test_empty_candidate_set_makes_no_job_and_says_so(lb_env, conn, dagster_instance):
     messages: list[str] = []
-    run = FlowRunner(EMB, defs, flow="embeddings", echo=messages.append, dagster_instance=dagster_instance)
+    run = FlowDriver(EMB, defs, flow="embeddings", echo=messages.append, dagster_instance=dagster_instance)
     result = run.run(wait=True, poll_interval=0)
     assert result.submitted == [] and ledger.list_jobs(conn) == []
     assert any("no new candidates" in m for m in messages)
@@ -223,8 +223,8 @@ def test_sensors_plan_submit_and_request_one_ingest_run_per_finished_job(lb_env,
 
 
 def test_concurrent_planners_never_put_an_item_in_two_shards(lb_env, conn):
-    from legal_batch.core.embeddings import EmbeddingsFlow, sync_chunks
     from legal_batch.db import connect
+    from legal_batch.flows.embeddings.flow import EmbeddingsFlow, sync_chunks
     from legal_batch.providers.local import LocalProvider
 
     seed_demo_cases(conn, cases=6)
@@ -284,8 +284,8 @@ def test_a_database_without_pgvector_gets_a_clear_error(pg_admin_url):
 
 def test_verify_finds_a_vector_deleted_behind_the_pipelines_back_and_a_rerun_repairs_it(
         lb_env, conn, dagster_instance):
-    from legal_batch.core.embeddings import DONE_WITHOUT_RESULT_SQL
     from legal_batch.core.verify import verify
+    from legal_batch.flows.embeddings.flow import DONE_WITHOUT_RESULT_SQL
 
     seed_demo_cases(conn, cases=2)
     runner(dagster_instance).run(wait=True, poll_interval=0)

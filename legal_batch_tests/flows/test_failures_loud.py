@@ -38,7 +38,7 @@ def test_verify_warns_about_failed_checks_in_the_instance(tmp_path: Path, lb_env
     from typer.testing import CliRunner
 
     from legal_batch.cli import app
-    from legal_batch.flows.runner import instance
+    from legal_batch.driver import instance
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     (tmp_path / "dagster").mkdir()

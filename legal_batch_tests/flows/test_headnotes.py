@@ -19,13 +19,13 @@ from typer.testing import CliRunner
 
 from legal_batch.core import ledger
 from legal_batch.core.demo_corpus import generate_case
-from legal_batch.core.headnotes import CaseText, build_request, truncate_judgment, unusable_reason
 from legal_batch.core.seed import seed_demo_cases
 from legal_batch.definitions import FLOWS_BY_NAME, defs
-from legal_batch.flows.runner import FlowRun, FlowRunner
+from legal_batch.driver import FlowDriver, FlowRun
+from legal_batch.flows.headnotes.flow import CaseText, build_request, truncate_judgment, unusable_reason
 from legal_batch.providers.base import Result
 from legal_batch.providers.local_models import extractive_headnote
-from legal_batch.resources.settings import get_settings
+from legal_batch.settings import get_settings
 from legal_batch_tests.emulators.bedrock_batch import (
     BedrockBatchEmulator,
     point_at_emulator,
@@ -42,8 +42,8 @@ EXAMPLES = [f"[20{10 + n}] HKCA {n} — Court of Appeal — Example {n} v Sample
 
 # -- helpers --------------------------------------------------------------------------------------------
 
-def runner(instance: dg.DagsterInstance, echo: Callable[[str], None] = lambda _: None) -> FlowRunner:
-    return FlowRunner(HEAD, defs, flow="headnotes", echo=echo, dagster_instance=instance)
+def runner(instance: dg.DagsterInstance, echo: Callable[[str], None] = lambda _: None) -> FlowDriver:
+    return FlowDriver(HEAD, defs, flow="headnotes", echo=echo, dagster_instance=instance)
 
 
 def count(conn: psycopg.Connection, sql: str, *params: object) -> int:

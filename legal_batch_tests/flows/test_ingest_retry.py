@@ -9,10 +9,10 @@ import pytest
 from legal_batch.core import ledger
 from legal_batch.core.seed import seed_demo_cases
 from legal_batch.definitions import FLOWS_BY_NAME, defs
-from legal_batch.flows.runner import FlowRun, FlowRunner
+from legal_batch.driver import FlowDriver, FlowRun
 from legal_batch.providers.base import JobStatus, ProviderError
 from legal_batch.providers.local import LocalProvider
-from legal_batch.resources.settings import get_settings
+from legal_batch.settings import get_settings
 
 EMB = FLOWS_BY_NAME["embeddings"]
 
@@ -50,7 +50,7 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Disk:
 def finished_shard(conn, instance: dg.DagsterInstance) -> tuple[ledger.JobRow, dg.RunRequest]:
     """A submitted shard whose provider job has completed, and the sensor's first ingest request for it."""
     seed_demo_cases(conn, cases=2)
-    runner = FlowRunner(EMB, defs, flow="embeddings", echo=lambda _: None, dagster_instance=instance)
+    runner = FlowDriver(EMB, defs, flow="embeddings", echo=lambda _: None, dagster_instance=instance)
     runner.plan(FlowRun("embeddings"), limit=None)
     runner.submit_pending(FlowRun("embeddings"))
     assert tick(instance).run_requests == []  # validating → in_progress
@@ -113,7 +113,7 @@ def test_after_the_bound_the_sensor_stops_and_says_why(lb_env, conn, dagster_ins
 
 def test_the_cli_ingest_retries_a_failed_ingest_and_records_why(lb_env, conn, dagster_instance, disk):
     job, _ = finished_shard(conn, dagster_instance)
-    runner = FlowRunner(EMB, defs, flow="embeddings", echo=lambda _: None, dagster_instance=dagster_instance)
+    runner = FlowDriver(EMB, defs, flow="embeddings", echo=lambda _: None, dagster_instance=dagster_instance)
     failed = FlowRun("embeddings")
     runner.tick_status(failed)
     assert len(failed.failed_runs) == 1

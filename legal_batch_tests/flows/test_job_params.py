@@ -12,14 +12,14 @@ import psycopg
 from typer.testing import CliRunner
 
 from legal_batch.core import batch, ledger
-from legal_batch.core.embeddings import EmbeddingsFlow, sync_chunks
-from legal_batch.core.headnotes import DONE_WITHOUT_RESULT_SQL, HeadnotesFlow
 from legal_batch.core.seed import seed_demo_cases
 from legal_batch.core.verify import verify
 from legal_batch.definitions import FLOWS_BY_NAME, defs
-from legal_batch.flows.runner import FlowRun, FlowRunner
+from legal_batch.driver import FlowDriver, FlowRun
+from legal_batch.flows.embeddings.flow import EmbeddingsFlow, sync_chunks
+from legal_batch.flows.headnotes.flow import DONE_WITHOUT_RESULT_SQL, HeadnotesFlow
 from legal_batch.providers.local import LocalProvider
-from legal_batch.resources.settings import get_settings
+from legal_batch.settings import get_settings
 
 CHAT_MODEL = "local-extractive-v1"
 
@@ -76,7 +76,7 @@ def test_a_shard_is_written_with_the_options_it_was_planned_with(lb_env, conn, d
     get_settings(fresh=True)
     seed_demo_cases(conn, cases=2)
     conn.execute("INSERT INTO headnote_corpus (headnote_text) VALUES ('An example headnote in the house style.')")
-    runner = FlowRunner(FLOWS_BY_NAME["headnotes"], defs, flow="headnotes", echo=lambda _: None,
+    runner = FlowDriver(FLOWS_BY_NAME["headnotes"], defs, flow="headnotes", echo=lambda _: None,
                         dagster_instance=dagster_instance)
     runner.plan(FlowRun("headnotes"), limit=None)
 

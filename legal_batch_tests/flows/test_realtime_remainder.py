@@ -9,10 +9,10 @@ import dagster as dg
 import pytest
 
 from legal_batch.core import batch, ledger
-from legal_batch.core.embeddings import EmbeddingsFlow, sync_chunks
 from legal_batch.core.seed import seed_demo_cases
 from legal_batch.definitions import FLOWS_BY_NAME, defs
-from legal_batch.flows.runner import FlowRunner
+from legal_batch.driver import FlowDriver
+from legal_batch.flows.embeddings.flow import EmbeddingsFlow, sync_chunks
 from legal_batch.providers.base import Endpoint, ProviderError, Request, Result
 from legal_batch.providers.local import LocalProvider
 
@@ -122,7 +122,7 @@ def test_the_real_time_shard_gets_its_results_materialization_and_the_index(
 
     monkeypatch.setattr(resources, "make_provider", below_every_minimum)
     emb = FLOWS_BY_NAME["embeddings"]
-    run = FlowRunner(emb, defs, flow="embeddings", echo=lambda _: None, dagster_instance=dagster_instance).run(
+    run = FlowDriver(emb, defs, flow="embeddings", echo=lambda _: None, dagster_instance=dagster_instance).run(
         wait=True, poll_interval=0)
 
     (job,) = ledger.list_jobs(conn, flow="embeddings")

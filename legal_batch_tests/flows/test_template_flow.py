@@ -27,18 +27,18 @@ from typer.testing import CliRunner, Result
 
 from legal_batch.cli import app
 from legal_batch.core import ledger
-from legal_batch.core.template.flow import (
+from legal_batch.core.verify import verify
+from legal_batch.definitions import DONE_WITHOUT_RESULT, FLOWS_BY_NAME, defs
+from legal_batch.driver import FlowDriver
+from legal_batch.flows.template.flow import (
     TemplateRunConfig,
     choose_execution,
     finish_open_runs,
     finish_run,
     stage_inputs,
 )
-from legal_batch.core.verify import verify
-from legal_batch.definitions import DONE_WITHOUT_RESULT, FLOWS_BY_NAME, defs
-from legal_batch.flows.runner import FlowRunner
 from legal_batch.resources.providers import make_provider
-from legal_batch.resources.settings import get_settings
+from legal_batch.settings import get_settings
 from legal_batch_tests.emulators.bedrock_batch import (
     BedrockBatchEmulator,
     RecordError,
@@ -424,7 +424,7 @@ def test_dagster_assets_stage_once_and_write_outputs(lb_env, conn, tmp_path, mon
         monkeypatch.setenv(f"LEGAL_BATCH_TEMPLATE_{name}", str(value))
     get_settings(fresh=True)
     with dg.instance_for_test() as instance:
-        runner = FlowRunner(TEMPLATE, defs, flow="template", echo=lambda _: None, dagster_instance=instance)
+        runner = FlowDriver(TEMPLATE, defs, flow="template", echo=lambda _: None, dagster_instance=instance)
         first = runner.run(wait=True, poll_interval=0)
         assert first.failed_runs == [] and len(first.submitted) == 1
         # the outputs are written by `template_inputs` on its next materialization (the planner sensor's
@@ -623,7 +623,7 @@ def test_core_functions_without_the_cli(bedrock, conn, tmp_path):
     assert not staged.resumed and staged.run.execution == "realtime" and staged.run.prefill == "{"
     assert stage_inputs(conn, config, provider=provider).resumed
     write_table(tmp_path / "data" / "cases.csv", clean_records(6))  # the file changes under the run
-    from legal_batch.core.template.errors import TemplateError
+    from legal_batch.flows.template.errors import TemplateError
 
     with pytest.raises(TemplateError, match="changed after template run"):
         finish_run(conn, staged.run.id, provider_for=lambda name: make_provider(name, get_settings()))

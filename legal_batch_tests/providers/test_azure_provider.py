@@ -19,7 +19,7 @@ from legal_batch.providers.base import (
     UnsupportedRequest,
 )
 from legal_batch.resources.providers import make_provider
-from legal_batch.resources.settings import Settings
+from legal_batch.settings import Settings
 from legal_batch_tests.emulators.openai_batch import OpenAIBatchEmulator, running_openai_emulator
 
 API_VERSION = "2024-10-21"

@@ -31,7 +31,7 @@ from legal_batch.providers.bedrock import (
     job_name_for,
     read_manifest,
 )
-from legal_batch.resources.settings import Settings, get_settings
+from legal_batch.settings import Settings, get_settings
 from legal_batch_tests.emulators.bedrock_batch import (
     TEST_ROLE_ARN,
     BedrockBatchEmulator,
@@ -461,7 +461,7 @@ def test_embeddings_flow_end_to_end_on_bedrock(
     lb_env: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from legal_batch.definitions import FLOWS_BY_NAME, defs
-    from legal_batch.flows.runner import FlowRunner
+    from legal_batch.driver import FlowDriver
 
     with running_bedrock_emulator(auto_advance=True) as emulator:
         bucket = point_at_emulator(monkeypatch, emulator)
@@ -472,7 +472,7 @@ def test_embeddings_flow_end_to_end_on_bedrock(
         with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
             seed_demo_cases(conn, cases=10)  # 10 demo cases chunk into well over 100 records
 
-        run = FlowRunner(FLOWS_BY_NAME["embeddings"], defs, flow="embeddings", echo=lambda s: None).run(
+        run = FlowDriver(FLOWS_BY_NAME["embeddings"], defs, flow="embeddings", echo=lambda s: None).run(
             wait=True, poll_interval=0.05)
         assert run.failed_runs == []
 

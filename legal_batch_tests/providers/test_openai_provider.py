@@ -7,6 +7,7 @@ rows in pgvector and ledger states.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -18,6 +19,8 @@ import openai
 import psycopg
 import pytest
 
+from legal_batch.core import batch, ledger
+from legal_batch.providers import openai_format
 from legal_batch.providers.base import (
     ChatRequest,
     EmbeddingRequest,
@@ -27,7 +30,7 @@ from legal_batch.providers.base import (
 )
 from legal_batch.providers.openai import OpenAIProvider
 from legal_batch.resources.providers import make_provider
-from legal_batch.resources.settings import Settings, get_settings
+from legal_batch.settings import Settings, get_settings
 from legal_batch_tests.emulators.openai_batch import (
     OpenAIBatchEmulator,
     RecordedRequest,
@@ -101,7 +104,7 @@ def test_request_file_is_uploaded_byte_for_byte_and_the_batch_carries_our_token(
     assert [line["custom_id"] for line in lines] == list(corpus)
     assert {line["url"] for line in lines} == {"/v1/embeddings"}
     assert lines[0]["method"] == "POST"
-    assert lines[0]["body"] == {"model": MODEL, "input": corpus["chunk-0"], "encoding_format": "float",
+    assert lines[0]["body"] == {"model": MODEL, "input": corpus["chunk-0"], "encoding_format": "base64",
                                 "dimensions": 1024}
     (create,) = calls(emulator, "POST", "/v1/batches")
     assert json.loads(create.body) == {
@@ -428,7 +431,7 @@ def test_embeddings_flow_runs_end_to_end_on_openai(lb_env: Settings, tmp_path: P
     from legal_batch.core.seed import seed_demo_cases
     from legal_batch.db import connect
     from legal_batch.definitions import FLOWS_BY_NAME, defs
-    from legal_batch.flows.runner import FlowRunner
+    from legal_batch.driver import FlowDriver
 
     with running_openai_emulator(auto_advance=True) as emulator:
         monkeypatch.setenv("OPENAI_API_KEY", emulator.api_key)
@@ -441,7 +444,7 @@ def test_embeddings_flow_runs_end_to_end_on_openai(lb_env: Settings, tmp_path: P
         conn = connect(settings.database_url or "")
         try:
             seed_demo_cases(conn, cases=3)
-            runner = FlowRunner(FLOWS_BY_NAME["embeddings"], defs, flow="embeddings", echo=lambda s: None)
+            runner = FlowDriver(FLOWS_BY_NAME["embeddings"], defs, flow="embeddings", echo=lambda s: None)
             run = runner.run(wait=True, poll_interval=0.05)
             _assert_flow_result(conn, emulator, run.failed_runs)
         finally:
@@ -465,3 +468,168 @@ def _assert_flow_result(conn: psycopg.Connection, emulator: OpenAIBatchEmulator,
                  for j in jobs}
     assert per_shard == {j[0]: [j[3]] for j in jobs}
     assert len(emulator.batches) == len(jobs)
+
+
+# -- base64 embeddings -------------------------------------------------------------------------------
+
+def _output_of(provider: OpenAIProvider, emulator: OpenAIBatchEmulator, tmp_path: Path, lines: bytes,
+               name: str) -> list[Path]:
+    """Submit request `lines` as one batch, run it to completion and download its files."""
+    path = tmp_path / f"{name}.jsonl"
+    path.write_bytes(lines)
+    job = provider.submit(request_file=path, endpoint="embeddings", model=MODEL, client_token=f"lb-{name}",
+                          shard_key=name)
+    emulator.complete(job.provider_job_id)
+    return provider.download(job.provider_job_id, provider.poll(job.provider_job_id), tmp_path / name)
+
+
+def test_base64_output_is_little_endian_float32_a_quarter_of_the_bytes_and_parses_like_floats(
+        provider: OpenAIProvider, emulator: OpenAIBatchEmulator, tmp_path: Path) -> None:
+    corpus = texts(4)
+    requests = [EmbeddingRequest(cid, text) for cid, text in corpus.items()]
+    as_base64 = b"".join(provider.format_line(r, endpoint="embeddings", model=MODEL) for r in requests)
+    as_floats = b"".join(openai_format.request_line(r, endpoint="embeddings", model=MODEL, encoding_format="float")
+                         for r in requests)
+
+    base64_files = _output_of(provider, emulator, tmp_path, as_base64, "b64")
+    float_files = _output_of(provider, emulator, tmp_path, as_floats, "floats")
+
+    line = json.loads(base64_files[0].read_bytes().splitlines()[0])
+    embedding = line["response"]["body"]["data"][0]["embedding"]
+    assert isinstance(embedding, str)
+    expected = np.asarray(embedding_vector(corpus[line["custom_id"]], 1024), dtype="<f4")
+    assert base64.b64decode(embedding) == expected.tobytes()
+    assert base64_files[0].stat().st_size < 0.4 * float_files[0].stat().st_size
+    from_base64 = {r.custom_id: r for r in provider.iter_results(base64_files, endpoint="embeddings")}
+    from_floats = {r.custom_id: r for r in provider.iter_results(float_files, endpoint="embeddings")}
+    assert set(from_base64) == set(from_floats) == set(corpus)
+    for cid in corpus:
+        a, b = from_base64[cid], from_floats[cid]
+        assert a.error is None and a.vector is not None and a.vector.dtype == np.float32
+        assert np.array_equal(a.vector, b.vector) and a.input_tokens == b.input_tokens > 0
+
+
+def test_a_malformed_base64_vector_is_an_error_of_its_line(provider: OpenAIProvider, tmp_path: Path) -> None:
+    def line(custom_id: str, embedding: str) -> bytes:
+        body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": embedding}],
+                "usage": {"prompt_tokens": 3, "total_tokens": 3}}
+        return json.dumps({"id": "r", "custom_id": custom_id, "error": None,
+                           "response": {"status_code": 200, "request_id": "q", "body": body}}).encode() + b"\n"
+
+    good = np.linspace(-1, 1, 1024, dtype=np.float32)
+    encode = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+    output = tmp_path / "output.jsonl"
+    output.write_bytes(line("good", encode(good.tobytes())) + line("short", encode(good.tobytes()[:4094]))
+                       + line("not-base64", "this is not base64!") + line("empty", "")
+                       + line("half", encode(good[:512].tobytes())))
+
+    results = {r.custom_id: r for r in provider.iter_results([output], endpoint="embeddings")}
+
+    assert np.array_equal(results["good"].vector, good) and results["good"].error is None
+    for cid, where, message in (("short", "output.jsonl:2", "decodes to 4094 bytes, not a whole number of float32"),
+                                ("not-base64", "output.jsonl:3", "embedding is not valid base64"),
+                                ("empty", "output.jsonl:4", "decodes to 0 bytes")):
+        assert results[cid].vector is None and results[cid].where == where
+        assert message in (results[cid].error or ""), results[cid].error
+    assert results["half"].vector.shape == (512,)  # a whole vector of the wrong size: the sink refuses it
+
+
+def test_the_emulator_refuses_an_unknown_encoding_format_on_its_line(
+        provider: OpenAIProvider, emulator: OpenAIBatchEmulator, tmp_path: Path) -> None:
+    line = provider.format_line(EmbeddingRequest("odd", "text"), endpoint="embeddings", model=MODEL)
+    files = _output_of(provider, emulator, tmp_path, line.replace(b'"base64"', b'"int8"'), "odd")
+    (result,) = provider.iter_results(files, endpoint="embeddings")
+    assert result.vector is None and "HTTP 400 invalid_value" in (result.error or "")
+    assert "'encoding_format'" in (result.error or "") and result.retryable is False
+
+
+# -- the status of many batches ----------------------------------------------------------------------
+
+def _open_jobs(conn: psycopg.Connection, provider: OpenAIProvider, emulator: OpenAIBatchEmulator, tmp_path: Path,
+               count: int) -> list[ledger.JobRow]:
+    """`count` one-item shards in the ledger, each `pending` with its own batch (validating) in the emulator."""
+    plan = ledger.plan_shards(
+        conn, flow="embeddings", provider="openai", model=MODEL, params={"n": count},
+        candidate_sql="SELECT 'case:' || g, 'chunk-' || g, 10, 100 FROM generate_series(1, %(n)s) g ORDER BY g",
+        limits=ledger.ShardLimits(max_records=1, max_bytes=10**9))
+    template = submit_texts(provider, tmp_path, texts(1), token="lb-template", shard="template").provider_job_id
+    jobs = [ledger.get_job(conn, key) for key in plan.shard_keys]
+    batch_ids = [emulator.copy_batch(template, metadata={"client_token": job.client_token,
+                                                         "shard_key": job.shard_key}) for job in jobs]
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany("UPDATE batch_jobs SET provider_job_id = %s, state = 'pending', provider_status = 'validating',"
+                        " submitted_at = now() WHERE id = %s", [(b, job.id) for b, job in zip(batch_ids, jobs,
+                                                                                              strict=True)])
+        cur.execute("UPDATE batch_items SET state = 'submitted', attempts = 1")
+    return [ledger.get_job(conn, key) for key in plan.shard_keys]
+
+
+def test_a_thousand_open_batches_are_polled_from_the_batch_list_and_only_ever_move_forward(
+        conn: psycopg.Connection, provider: OpenAIProvider, emulator: OpenAIBatchEmulator, tmp_path: Path,
+        database_url: str) -> None:
+    jobs = _open_jobs(conn, provider, emulator, tmp_path, 1_000)
+    expected: dict[str, str] = {}
+    for number, job in enumerate(jobs):
+        batch_id = job.provider_job_id or ""
+        if number % 4 == 1:
+            emulator.set_status(batch_id, "in_progress")
+        elif number % 4 == 2:
+            emulator.set_status(batch_id, "finalizing")
+        elif number % 4 == 3:
+            emulator.complete(batch_id)
+        expected[job.shard_key] = ["pending", "running", "running", "completed"][number % 4]
+    refused = jobs[4]  # created, then failed for the enqueued-token quota: requeued, not failed
+    emulator.fail_validation(refused.provider_job_id or "", "Enqueued token limit reached for "
+                             "text-embedding-3-small in organization org-x.", code="token_limit_exceeded")
+    expected[refused.shard_key] = "exported"
+    ahead = jobs[8]  # still validating when listed; another poller records it running before we do
+    expected[ahead.shard_key] = "running"
+
+    class OtherPollerMeanwhile:
+        """The real provider, and another poller recording a newer status right after the listing."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(provider, name)
+
+        def poll_many(self, ids, *, created_after=None):
+            statuses = provider.poll_many(ids, created_after=created_after)
+            emulator.set_status(ahead.provider_job_id or "", "in_progress")
+            with psycopg.connect(database_url, autocommit=True) as other:
+                other.execute("UPDATE batch_jobs SET state = 'running', provider_status = 'in_progress',"
+                              " updated_at = clock_timestamp() WHERE id = %s", (ahead.id,))
+            return statuses
+
+    before = len(emulator.requests)
+    polled = batch.poll_open_jobs(conn, lambda _: OtherPollerMeanwhile(), flow="embeddings")  # type: ignore[arg-type,return-value]
+
+    sent = emulator.requests[before:]
+    assert [(r.method, r.path) for r in sent] == [("GET", "/v1/batches")] * 10  # 1,000 batches, 100 a page
+    assert len(polled) == 999  # every job but the one the other poller had already moved on
+    states = dict(conn.execute("SELECT shard_key, state FROM batch_jobs WHERE flow = 'embeddings'").fetchall())
+    assert states == expected
+    done = ledger.get_job(conn, jobs[3].shard_key)
+    assert (done.provider_status, done.completed_count, done.output_location) == (
+        "completed", 1, emulator.batches[jobs[3].provider_job_id]["output_file_id"])
+    requeued = ledger.get_job(conn, refused.shard_key)
+    assert requeued.provider_job_id is None and requeued.quota_refusals == 1
+    assert conn.execute("SELECT state, attempts FROM batch_items WHERE job_id = %s",
+                        (refused.id,)).fetchone() == ("exported", 0)
+
+
+def test_a_batch_the_list_does_not_reach_is_polled_by_itself(
+        conn: psycopg.Connection, provider: OpenAIProvider, emulator: OpenAIBatchEmulator, tmp_path: Path) -> None:
+    older, newer = _open_jobs(conn, provider, emulator, tmp_path, 2)
+    emulator.complete(older.provider_job_id or "")
+    emulator.set_status(newer.provider_job_id or "", "in_progress")
+    stale = emulator.copy_batch(newer.provider_job_id or "", metadata={"client_token": "someone-else"})
+    emulator.batches[stale]["created_at"] -= 3 * 86_400  # created days before ours: the list stops there
+    moved = emulator.batches.pop(newer.provider_job_id or "")
+    emulator.batches[moved["id"]] = moved  # listed first: newer, stale (stop), then older, never reached
+    before = len(emulator.requests)
+
+    polled = batch.poll_open_jobs(conn, lambda _: provider, flow="embeddings")
+
+    assert {p.job.shard_key: p.job.state for p in polled} == {older.shard_key: "completed",
+                                                              newer.shard_key: "running"}
+    assert [(r.method, r.path) for r in emulator.requests[before:]] == [
+        ("GET", "/v1/batches"), ("GET", f"/v1/batches/{older.provider_job_id}")]

@@ -10,14 +10,14 @@ import dagster as dg
 import psycopg
 
 from legal_batch.core import ledger
-from legal_batch.core.embeddings import (
+from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
+from legal_batch.flows.embeddings.checks import vector_checks, vector_spec
+from legal_batch.flows.embeddings.flow import (
     DONE_WITHOUT_RESULT_SQL,
     EmbeddingsFlow,
     ensure_vector_index,
     sync_chunks,
 )
-from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
-from legal_batch.flows.embeddings.checks import vector_checks, vector_spec
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import get_settings
 

@@ -19,9 +19,9 @@ import dagster as dg
 import psycopg
 
 from legal_batch.core import ledger
-from legal_batch.core.headnotes import DONE_WITHOUT_RESULT_SQL, HeadnotesFlow
 from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
 from legal_batch.flows.headnotes.checks import HEADNOTE_CHECK_SPECS, headnote_checks
+from legal_batch.flows.headnotes.flow import DONE_WITHOUT_RESULT_SQL, HeadnotesFlow
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import get_settings
 from legal_batch.resources.providers import make_provider, provider_name_for

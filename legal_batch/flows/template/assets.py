@@ -16,8 +16,9 @@ import dagster as dg
 import psycopg
 
 from legal_batch.core import ledger
-from legal_batch.core.template.errors import TemplateError
-from legal_batch.core.template.flow import (
+from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
+from legal_batch.flows.template.errors import TemplateError
+from legal_batch.flows.template.flow import (
     DONE_WITHOUT_RESULT_SQL,
     FLOW,
     TemplateFlow,
@@ -28,7 +29,6 @@ from legal_batch.core.template.flow import (
     progress_line,
     stage_inputs,
 )
-from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import Settings, get_settings
 from legal_batch.resources.providers import make_provider

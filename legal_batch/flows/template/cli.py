@@ -1,7 +1,7 @@
 """`legal-batch template`: run the template flow over a folder of tabular files, and copy out the example.
 
 Thin: staging, real-time answers, fallback and outputs are `core.template.flow` functions (the
-ones `template_inputs` calls); batch mode drives the flow's Dagster jobs through `FlowRunner`.
+ones `template_inputs` calls); batch mode drives the flow's Dagster jobs through `FlowDriver`.
 Running the same command again continues the same run (nothing is staged or submitted twice).
 """
 
@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from legal_batch.core.wording import plural
-from legal_batch.resources.settings import get_settings
+from legal_batch.settings import get_settings
 
 app = typer.Typer(help="Template-driven structured processing of tabular files: a prompt template and a JSON "
                        "Schema in, validated result columns out (batch or real time).", no_args_is_help=True)
@@ -76,8 +76,8 @@ def run(
 
     Without --wait a batch run submits its jobs and returns; run the same command with --wait to
     collect the results (it continues the same run)."""
-    from legal_batch.core.template.errors import TemplateError
-    from legal_batch.core.template.flow import TemplateRunConfig, finish_run, progress_line, stage_inputs
+    from legal_batch.flows.template.errors import TemplateError
+    from legal_batch.flows.template.flow import TemplateRunConfig, finish_run, progress_line, stage_inputs
     from legal_batch.providers.base import ProviderError
     from legal_batch.resources.providers import make_provider
 
@@ -132,10 +132,10 @@ def run(
 def _run_batch(provider_name: str, *, wait: bool, poll_interval: float, timeout: float | None) -> list[str]:
     """Plan, submit and (with `wait`) poll and ingest through the flow's Dagster jobs; failed run ids."""
     from legal_batch.definitions import FLOWS_BY_NAME, defs
-    from legal_batch.flows.runner import FlowRunner
+    from legal_batch.driver import FlowDriver
 
     # the provider is the planning run's config; each shard keeps it on its job row for submit and ingest
-    flow_run = FlowRunner(FLOWS_BY_NAME["template"], defs, flow="template", echo=_say,
+    flow_run = FlowDriver(FLOWS_BY_NAME["template"], defs, flow="template", echo=_say,
                           plan_config={"provider": provider_name}).run(
         wait=wait, poll_interval=poll_interval, timeout=timeout)
     if flow_run.failed_runs:

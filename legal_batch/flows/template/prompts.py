@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from legal_batch.core.template.errors import TemplateError
+from legal_batch.flows.template.errors import TemplateError
 
 __all__ = [
     "FormattedPrompt",

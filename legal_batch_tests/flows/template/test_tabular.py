@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from legal_batch.core.template.errors import TemplateError
-from legal_batch.core.template.results import append_results, result_column_names
-from legal_batch.core.template.tabular import (
+from legal_batch.flows.template.errors import TemplateError
+from legal_batch.flows.template.results import append_results, result_column_names
+from legal_batch.flows.template.tabular import (
     InputFile,
     TabularWriter,
     discover_inputs,

@@ -10,16 +10,16 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from legal_batch.core.template.errors import TemplateError
-from legal_batch.core.template.prompts import PromptTemplate, TruncationStats, format_prompt
-from legal_batch.core.template.results import (
+from legal_batch.flows.template.errors import TemplateError
+from legal_batch.flows.template.prompts import PromptTemplate, TruncationStats, format_prompt
+from legal_batch.flows.template.results import (
     ProcessingSummary,
     append_results,
     result_column_names,
     result_columns_for,
     write_summary,
 )
-from legal_batch.core.template.schema import result_columns, schema_to_model
+from legal_batch.flows.template.schema import result_columns, schema_to_model
 
 SCHEMA = {
     "type": "object",

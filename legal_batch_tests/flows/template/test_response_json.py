@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from legal_batch.core.template.response_json import extract_json_object, parse_response
-from legal_batch.core.template.results import result_columns_for
-from legal_batch.core.template.schema import schema_to_model
+from legal_batch.flows.template.response_json import extract_json_object, parse_response
+from legal_batch.flows.template.results import result_columns_for
+from legal_batch.flows.template.schema import schema_to_model
 
 # (id, response text, prefill, expected object or None)
 CASES = [

@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from legal_batch.core.template.errors import TemplateError
+from legal_batch.flows.template.errors import TemplateError
 
 __all__ = [
     "SPLITS",

@@ -35,29 +35,29 @@ from psycopg.rows import class_row
 from psycopg.types.json import Json, Jsonb
 
 from legal_batch.core.flow import Item
-from legal_batch.core.template.errors import TemplateError
-from legal_batch.core.template.prompts import (
+from legal_batch.core.tokens import count_tokens
+from legal_batch.flows.template.errors import TemplateError
+from legal_batch.flows.template.prompts import (
     PromptTemplate,
     TruncationStats,
     check_columns,
     format_prompt,
     load_prompts,
 )
-from legal_batch.core.template.results import (
+from legal_batch.flows.template.results import (
     ProcessingSummary,
     append_results,
     result_columns_for,
     write_summary,
 )
-from legal_batch.core.template.schema import load_schema, result_columns, schema_to_model
-from legal_batch.core.template.tabular import (
+from legal_batch.flows.template.schema import load_schema, result_columns, schema_to_model
+from legal_batch.flows.template.tabular import (
     InputFile,
     TabularWriter,
     discover_inputs,
     output_path,
     read_rows,
 )
-from legal_batch.core.tokens import count_tokens
 from legal_batch.providers.base import BatchProvider, ChatRequest, Endpoint, ProviderError, Request, Result
 
 __all__ = [

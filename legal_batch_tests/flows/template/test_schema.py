@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from legal_batch.core.template.errors import TemplateError
-from legal_batch.core.template.schema import (
+from legal_batch.flows.template.errors import TemplateError
+from legal_batch.flows.template.schema import (
     load_schema,
     result_columns,
     schema_to_model,

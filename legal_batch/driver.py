@@ -130,7 +130,7 @@ class FlowRun:
             self.failed_runs.remove(earlier)
 
 
-class FlowRunner:
+class FlowDriver:
     """Executes a flow's jobs and sensors in process (see module docstring)."""
 
     def __init__(self, flow_defs: FlowDefinitions, defs: dg.Definitions, *, flow: str,

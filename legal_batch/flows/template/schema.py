@@ -30,7 +30,7 @@ from pydantic import (
     create_model,
 )
 
-from legal_batch.core.template.errors import TemplateError
+from legal_batch.flows.template.errors import TemplateError
 
 __all__ = [
     "load_schema",

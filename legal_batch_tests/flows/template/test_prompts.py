@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from legal_batch.core.template.errors import TemplateError
-from legal_batch.core.template.prompts import (
+from legal_batch.flows.template.errors import TemplateError
+from legal_batch.flows.template.prompts import (
     FormattedPrompt,
     PromptTemplate,
     TruncationStats,

@@ -29,10 +29,10 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel
 
-from legal_batch.core.template.errors import TemplateError
-from legal_batch.core.template.prompts import TruncationStats
-from legal_batch.core.template.response_json import parse_response
-from legal_batch.core.template.schema import validate_response
+from legal_batch.flows.template.errors import TemplateError
+from legal_batch.flows.template.prompts import TruncationStats
+from legal_batch.flows.template.response_json import parse_response
+from legal_batch.flows.template.schema import validate_response
 
 __all__ = [
     "ParseStatus",

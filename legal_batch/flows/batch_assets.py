@@ -213,10 +213,14 @@ def build_flow_definitions(
 
     accounted = dg.AssetCheckSpec("shard_items_accounted", asset=names.results,
                                   description="Every request of the shard ended done, retryable or failed.")
+    not_failed = dg.AssetCheckSpec(
+        "no_items_failed", asset=names.results, blocking=True,
+        description="No request of the shard ended `failed` for good (ERROR, blocking: the ingest run — and "
+                    "`dagster job execute` — fails, after the results are written, so a failure is never quiet).")
 
     @dg.asset(name=names.results, group_name=names.group, partitions_def=partitions, deps=[batch_outputs],
               description=descriptions["results"],
-              check_specs=[accounted, *result_check_specs],
+              check_specs=[accounted, not_failed, *result_check_specs],
               retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL))
     def results(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
                 providers: ProvidersResource) -> dg.MaterializeResult:
@@ -231,7 +235,7 @@ def build_flow_definitions(
                                         on_progress=lambda n: context.log.info(f"{shard_key}: {n} result lines read"))
             job = ledger.get_job(conn, shard_key)
             after = after_ingest(conn) if after_ingest is not None else {}
-            checks = [_accounted_check(conn, job)]
+            checks = [_accounted_check(conn, job), _not_failed_check(conn, job)]
             if result_checks is not None:
                 checks += result_checks(conn, job)
         context.log.info(report.summary())
@@ -417,6 +421,16 @@ def _ledger_check(report: VerifyReport, flow: str) -> dg.AssetCheckResult:
                   "violations": sum(v.count for v in report.violations),
                   "details": dg.MetadataValue.md(details or "every item is in exactly one state")},
     )
+
+
+def _not_failed_check(conn: psycopg.Connection, job: ledger.JobRow) -> dg.AssetCheckResult:
+    failed = conn.execute("SELECT count(*), min(last_error) FROM batch_items WHERE job_id = %s AND state = 'failed'",
+                          (job.id,)).fetchone()
+    return dg.AssetCheckResult(
+        check_name="no_items_failed", passed=failed[0] == 0, severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"failed": failed[0], "example": failed[1] or "", "requests": job.request_count,
+                  "what_to_do": "SELECT subject_key, last_error FROM batch_items WHERE state = 'failed' AND job_id = "
+                                f"{job.id}; fix the cause, then mark them retryable and run again"})
 
 
 def _accounted_check(conn: psycopg.Connection, job: ledger.JobRow) -> dg.AssetCheckResult:

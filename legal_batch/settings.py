@@ -46,6 +46,17 @@ class Settings(BaseSettings):
                                           "are truncated (and counted in the summary).")
     embedding_model: str | None = Field(default=None, description="Unset → the provider's default model.")
     embedding_dimensions: int = 1024
+    embeddings_sinks: str = Field(default="pgvector", description="Where vectors are stored, a comma list of "
+                                  "pgvector, chroma, weaviate (legal_batch/sinks/registry.py).")
+    chroma_url: str | None = Field(default=None, description="Chroma server (http[s]://host:port); unset → an "
+                                   "embedded persistent Chroma under $LEGAL_BATCH_HOME/chroma.")
+    chroma_collection: str | None = Field(default=None, description="Unset → legal_batch-<model>-<dimensions>.")
+    weaviate_url: str | None = Field(default=None, description="Weaviate REST endpoint (http[s]://host:port); "
+                                     "required by the weaviate sink.")
+    weaviate_grpc_url: str | None = Field(default=None, description="Weaviate gRPC endpoint; unset → the REST "
+                                          "host on port 50051 (443 when the REST URL is https on 443).")
+    weaviate_api_key: str | None = Field(default=None, description="Weaviate API key (sent as a bearer token).")
+    weaviate_collection: str | None = Field(default=None, description="Unset → LegalBatch_<model>_<dimensions>.")
     chunk_max_tokens: int = 512
     chunk_overlap_tokens: int = 64
     shard_max_records: int | None = Field(default=None, description="Cap below the provider's own per-job limit.")

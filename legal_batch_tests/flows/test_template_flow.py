@@ -30,13 +30,8 @@ from legal_batch.core import ledger
 from legal_batch.core.verify import verify
 from legal_batch.definitions import DONE_WITHOUT_RESULT, FLOWS_BY_NAME, defs
 from legal_batch.driver import FlowDriver
-from legal_batch.flows.template.flow import (
-    TemplateRunConfig,
-    choose_execution,
-    finish_open_runs,
-    finish_run,
-    stage_inputs,
-)
+from legal_batch.flows.template.outputs import finish_open_runs, finish_run
+from legal_batch.flows.template.runs import TemplateRunConfig, choose_execution, stage_inputs
 from legal_batch.resources.providers import make_provider
 from legal_batch.settings import get_settings
 from legal_batch_tests.emulators.bedrock_batch import (

@@ -17,18 +17,11 @@ import psycopg
 
 from legal_batch.core import ledger
 from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
+from legal_batch.flows.catalog import OWNERS, SOURCES_GROUP
 from legal_batch.flows.template.errors import TemplateError
-from legal_batch.flows.template.flow import (
-    DONE_WITHOUT_RESULT_SQL,
-    FLOW,
-    TemplateFlow,
-    TemplateRunConfig,
-    find_run,
-    finish_open_runs,
-    has_pending_work,
-    progress_line,
-    stage_inputs,
-)
+from legal_batch.flows.template.flow import DONE_WITHOUT_RESULT_SQL, TemplateFlow
+from legal_batch.flows.template.outputs import finish_open_runs, has_pending_work, progress_line
+from legal_batch.flows.template.runs import FLOW, TemplateRunConfig, find_run, stage_inputs
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import Settings, get_settings
 from legal_batch.resources.providers import make_provider
@@ -110,6 +103,39 @@ def responses_check(conn: psycopg.Connection, job: ledger.JobRow) -> list[dg.Ass
                                 metadata={"done_items_without_response": missing})]
 
 
+TEMPLATE_INPUT_FILES = dg.AssetSpec(
+    "template_input_files", group_name=SOURCES_GROUP, kinds={"csv", "parquet", "file"}, owners=OWNERS,
+    tags={"layer": "source"},
+    description="The template flow's inputs: CSV/TSV/Parquet files (one file or train/val/test splits), the "
+                "prompt templates (prompts.json) and the JSON Schema of one result — LEGAL_BATCH_TEMPLATE_INPUT, "
+                "_TEMPLATES and _SCHEMA, or `legal-batch template run`'s arguments. Read, never written.",
+)
+
+TEMPLATE_RESULTS_SCHEMA = dg.TableSchema(
+    columns=[
+        dg.TableColumn("run_id", "bigint", description="template_runs.id",
+                       constraints=dg.TableColumnConstraints(nullable=False)),
+        dg.TableColumn("file_key", "text", description="The input file, relative to the input (e.g. train/cases.csv).",
+                       constraints=dg.TableColumnConstraints(nullable=False)),
+        dg.TableColumn("row_no", "integer", description="1-based data row of the file.",
+                       constraints=dg.TableColumnConstraints(nullable=False)),
+        dg.TableColumn("response_text", "text", description="The raw answer; parsed and validated into the "
+                       "output files' columns."),
+        dg.TableColumn("provider_error", "text"),
+        dg.TableColumn("model", "text", constraints=dg.TableColumnConstraints(nullable=False)),
+        dg.TableColumn("via", "text", description="batch or realtime",
+                       constraints=dg.TableColumnConstraints(nullable=False)),
+        dg.TableColumn("created_at", "timestamptz", constraints=dg.TableColumnConstraints(nullable=False)),
+    ],
+    constraints=dg.TableConstraints(other=["PRIMARY KEY (run_id, file_key, row_no)"]),
+)
+
+
+def table_rows(conn: psycopg.Connection) -> int:
+    """Every answered row in template_results (all runs)."""
+    return conn.execute("SELECT count(*) FROM template_results").fetchone()[0]
+
+
 responses_spec = dg.AssetCheckSpec("responses_recorded", asset=NAMES.results,
                                    description="Every done request of the shard has its response in template_results.")
 
@@ -122,6 +148,11 @@ DEFS = build_flow_definitions(
     result_checks=responses_check,
     candidates_name="template_inputs",
     done_without_result_sql=DONE_WITHOUT_RESULT_SQL,
+    sources=[TEMPLATE_INPUT_FILES],
+    configured_provider=get_settings().template_provider,
+    results_table="template_results",
+    results_schema=TEMPLATE_RESULTS_SCHEMA,
+    table_rows=table_rows,
     descriptions={
         "candidates": "Rows of the template flow's input files, staged with their rendered prompts. Grain: one "
                       "row (run_id, file_key, row_no) in template_rows. Stages the run configured in "

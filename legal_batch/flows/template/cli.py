@@ -77,7 +77,8 @@ def run(
     Without --wait a batch run submits its jobs and returns; run the same command with --wait to
     collect the results (it continues the same run)."""
     from legal_batch.flows.template.errors import TemplateError
-    from legal_batch.flows.template.flow import TemplateRunConfig, finish_run, progress_line, stage_inputs
+    from legal_batch.flows.template.outputs import finish_run, progress_line
+    from legal_batch.flows.template.runs import TemplateRunConfig, stage_inputs
     from legal_batch.providers.base import ProviderError
     from legal_batch.resources.providers import make_provider
 

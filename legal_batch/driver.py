@@ -23,9 +23,10 @@ import psycopg
 from legal_batch.core import batch, ledger, quota
 from legal_batch.core.errors import RunFailed
 from legal_batch.db.connection import DatabaseError
-from legal_batch.flows.batch_assets import FlowDefinitions
+from legal_batch.flows.batch_assets import FlowDefinitions, StatusCursor, job_run_tags, run_tags
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import DatabaseResource, get_settings
+from legal_batch.resources.providers import provider_name_for
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -148,6 +149,8 @@ class FlowDriver:
         self.plan_config = dict(plan_config or {})
         self.outage_limit_s = 3600.0
         """How long `run(wait=True)` waits for an unreachable database (a restart, a failover)."""
+        self._status_cursor: str | None = None
+        """The job-status sensor's cursor between this driver's ticks (what it has observed)."""
 
     def _execute(self, job_name: str, *, partition_key: str | None = None, run_config: dict | None = None,
                  tags: dict | None = None) -> dg.ExecuteInProcessResult:
@@ -156,7 +159,22 @@ class FlowDriver:
         if partition_key is not None:
             self._register(partition_key)
         return job.execute_in_process(instance=self.instance, partition_key=partition_key, run_config=config,
-                                      raise_on_error=False, tags=tags)
+                                      raise_on_error=False, tags={**self._run_tags(partition_key), **(tags or {})})
+
+    def _run_tags(self, partition_key: str | None) -> dict[str, str]:
+        """The flow's run tags (`batch_assets.run_tags`): a shard's from its job row; a planning run's
+        flow and provider (its model is added by the run itself)."""
+        if partition_key is not None:
+            with self._database().connect() as conn:
+                try:
+                    return job_run_tags(ledger.get_job(conn, partition_key))
+                except LookupError:
+                    return run_tags(flow=self.flow, shard=partition_key)
+        try:
+            provider = self.plan_config.get("provider") or provider_name_for(self.flow, get_settings())
+        except KeyError:  # a flow that is not in the registry (e.g. a test's)
+            provider = None
+        return run_tags(flow=self.flow, provider=provider)
 
     def _register(self, partition_key: str) -> None:
         """A shard planned by another process (a second run, another Dagster home) may not be a
@@ -233,8 +251,13 @@ class FlowDriver:
 
     def tick_status(self, run: FlowRun) -> int:
         """One job-status sensor tick; executes the ingest runs it requests. Returns open jobs left."""
-        context = dg.build_sensor_context(instance=self.instance, resources=self.defs.resources)
+        if self._status_cursor is None and run.started_at is not None:
+            self._status_cursor = StatusCursor.starting_at(run.started_at).dump()  # earlier changes: observed then
+        context = dg.build_sensor_context(instance=self.instance, resources=self.defs.resources,
+                                          cursor=self._status_cursor)
         result = self.flow_defs.status_sensor(context)
+        if isinstance(result, dg.SensorResult) and result.cursor is not None:
+            self._status_cursor = result.cursor
         requests = result.run_requests if isinstance(result, dg.SensorResult) else []
         for observation in (result.asset_events if isinstance(result, dg.SensorResult) else None) or []:
             self.instance.report_runless_asset_event(observation)  # e.g. a failed ingest counted

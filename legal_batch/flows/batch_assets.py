@@ -8,9 +8,11 @@ chunking) and its result checks; the asset bodies only orchestrate `core.batch` 
 
 
 import hashlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 import dagster as dg
@@ -18,12 +20,15 @@ import psycopg
 
 from legal_batch.core import batch, ledger, quota
 from legal_batch.core.flow import Flow
+from legal_batch.core.progress import JobChange, flow_progress, jobs_changed_since
 from legal_batch.core.verify import VerifyReport, verify
+from legal_batch.flows.catalog import OWNERS, file_kinds, provider_kinds
 from legal_batch.providers.base import BatchProvider, ProviderError, UnsupportedRequest
 from legal_batch.resources import DatabaseResource, FileStoreResource, ProvidersResource, get_settings
 
 Prepare = Callable[[dg.AssetExecutionContext, psycopg.Connection, "CandidatesConfig"], dict]
 ResultChecks = Callable[[psycopg.Connection, ledger.JobRow], list[dg.AssetCheckResult]]
+AfterIngest = Callable[[dg.AssetExecutionContext, psycopg.Connection, DatabaseResource], dict]
 
 
 class CandidatesConfig(dg.Config):
@@ -64,6 +69,7 @@ class FlowNames:
 class FlowDefinitions:
     partitions: dg.DynamicPartitionsDefinition
     assets: list[dg.AssetsDefinition]
+    """candidates, request files, batch jobs, batch outputs, results — in that order."""
     jobs: list[Any]
     sensors: list[dg.SensorDefinition]
     candidates_job: Any
@@ -71,6 +77,10 @@ class FlowDefinitions:
     ingest_job: Any
     status_sensor: dg.SensorDefinition
     planner_sensor: dg.SensorDefinition
+    sources: list[dg.AssetSpec]
+    """The inputs the candidates read (external assets, shared between flows: kept once by key)."""
+    progress: dg.AssetSpec
+    """`<prefix>_progress`: the flow's running totals, observed by the job-status sensor."""
 
 
 def build_flow_definitions(
@@ -81,24 +91,39 @@ def build_flow_definitions(
     has_unprepared: Callable[[psycopg.Connection], bool] | None = None,
     result_check_specs: Sequence[dg.AssetCheckSpec] = (),
     result_checks: ResultChecks | None = None,
-    after_ingest: Callable[[psycopg.Connection], dict] | None = None,
+    after_ingest: AfterIngest | None = None,
     descriptions: dict[str, str],
     candidates_name: str | None = None,
     done_without_result_sql: str | None = None,
     overwritable: bool = False,
+    sources: Sequence[dg.AssetSpec] = (),
+    configured_provider: str | None = None,
+    results_kinds: Sequence[str] = ("postgres",),
+    results_table: str | None = None,
+    results_schema: dg.TableSchema | None = None,
+    table_rows: Callable[[psycopg.Connection], int] | None = None,
 ) -> FlowDefinitions:
     """Assets, jobs and sensors of one batch flow (see the module docstring).
 
     `candidates_name` names the first asset when `<prefix>_candidates` does not fit (e.g. `template_inputs`).
     `overwritable`: the flow accepts `CandidatesConfig.overwrite` (it has results to regenerate).
     `done_without_result_sql` (the flow's `DONE_WITHOUT_RESULT_SQL`) lets the `ledger_consistent` check
-    also find done items whose result row is missing."""
+    also find done items whose result row is missing.
+
+    What the UI shows: `sources` (external assets the candidates depend on), `configured_provider`
+    (the flow's provider setting: the kinds of the jobs and files assets), `results_kinds`, `results_table` and `results_schema`
+    (`dagster/table_name`, `dagster/column_schema`), and `table_rows`, the whole results table's row
+    count reported as `dagster/row_count` at each ingest (the shard's own rows are `shard_row_count`)."""
     partitions = dg.DynamicPartitionsDefinition(name=f"{names.prefix}_shards")
     candidates_key = candidates_name or f"{names.prefix}_candidates"
     files_key = f"{names.prefix}_request_files"
     jobs_key = f"{names.prefix}_batch_jobs"
     outputs_key = f"{names.prefix}_batch_outputs"
+    progress_key = f"{names.prefix}_progress"
     pool = f"{names.flow}_provider"
+    service = sorted(provider_kinds(configured_provider) if configured_provider else set())
+    tags = {"flow": names.flow}
+    job_tags = {RUN_TAG_FLOW: names.flow}
 
     ledger_check = dg.AssetCheckSpec(
         "ledger_consistent", asset=candidates_key,
@@ -106,7 +131,8 @@ def build_flow_definitions(
                     "open items only in open jobs, done items with their result row, counts that add up.")
 
     @dg.asset(name=candidates_key, group_name=names.group, description=descriptions["candidates"],
-              check_specs=[ledger_check])
+              check_specs=[ledger_check], deps=list(sources), kinds={"postgres", "python"}, owners=OWNERS,
+              tags=tags)
     def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, database: DatabaseResource,
                    providers: ProvidersResource) -> dg.MaterializeResult:
         if config.overwrite and not overwritable:
@@ -117,6 +143,7 @@ def build_flow_definitions(
         with _clear_failures(), database.connect() as conn:
             prepared = prepare(context, conn, config) if prepare else {}
             model = getattr(flow, "model", None) or provider.default_model(flow.endpoint)
+            _tag_run(context, run_tags(flow=names.flow, provider=provider.name, model=model))
             policy = get_settings().quota_policy()
             result = batch.plan(conn, flow, provider, model=model, cap_records=get_settings().shard_max_records,
                                 max_shards=config.max_shards, policy=policy)
@@ -141,12 +168,14 @@ def build_flow_definitions(
         }, check_results=[consistent])
 
     @dg.asset(name=files_key, group_name=names.group, partitions_def=partitions, deps=[candidates],
+              kinds=file_kinds(configured_provider or "local"), owners=OWNERS, tags=tags,
               description=descriptions["request_files"])
     def request_files(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
                       providers: ProvidersResource) -> dg.MaterializeResult:
         shard_key = context.partition_key
         with _clear_failures(), database.connect() as conn:
             job = ledger.get_job(conn, shard_key)
+            _tag_run(context, job_run_tags(job))
             provider = providers.named(job.provider)
             written = batch.write_request_file(conn, make_flow(provider, None, job=job), provider, shard_key,
                                                files_root=files.path())
@@ -161,12 +190,14 @@ def build_flow_definitions(
         })
 
     @dg.asset(name=jobs_key, group_name=names.group, partitions_def=partitions, deps=[request_files], pool=pool,
+              kinds={"postgres", *service}, owners=OWNERS, tags=tags,
               description=descriptions["batch_jobs"],
               retry_policy=dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL))
     def batch_jobs(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
                    providers: ProvidersResource) -> dg.MaterializeResult:
         with _clear_failures(), database.connect() as conn:
             job = ledger.get_job(conn, context.partition_key)
+            _tag_run(context, job_run_tags(job))
             provider = providers.named(job.provider)
             policy = get_settings().quota_policy()
             outcome = batch.submit_shard(conn, make_flow(provider, None, job=job), provider, context.partition_key,
@@ -195,12 +226,14 @@ def build_flow_definitions(
         })
 
     @dg.asset(name=outputs_key, group_name=names.group, partitions_def=partitions, deps=[batch_jobs],
+              kinds=file_kinds(configured_provider or "local"), owners=OWNERS, tags=tags,
               description=descriptions["batch_outputs"],
               retry_policy=dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL))
     def batch_outputs(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
                       providers: ProvidersResource) -> dg.MaterializeResult:
         with _clear_failures(), database.connect() as conn:
             job = ledger.get_job(conn, context.partition_key)
+            _tag_run(context, job_run_tags(job))
             provider = providers.named(job.provider)
             paths = batch.download_outputs(conn, provider, context.partition_key, files_root=files.path())
         return dg.MaterializeResult(metadata={
@@ -218,7 +251,14 @@ def build_flow_definitions(
         description="No request of the shard ended `failed` for good (ERROR, blocking: the ingest run — and "
                     "`dagster job execute` — fails, after the results are written, so a failure is never quiet).")
 
+    results_metadata: dict[str, Any] = {}
+    if results_table:
+        results_metadata["dagster/table_name"] = results_table
+    if results_schema is not None:
+        results_metadata["dagster/column_schema"] = results_schema
+
     @dg.asset(name=names.results, group_name=names.group, partitions_def=partitions, deps=[batch_outputs],
+              kinds=set(results_kinds), owners=OWNERS, tags=tags, metadata=results_metadata,
               description=descriptions["results"],
               check_specs=[accounted, not_failed, *result_check_specs],
               retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL))
@@ -227,6 +267,7 @@ def build_flow_definitions(
         shard_key = context.partition_key
         with _clear_failures(), database.connect() as conn:
             job = ledger.get_job(conn, shard_key)
+            _tag_run(context, job_run_tags(job))
             provider = providers.named(job.provider)
             paths = sorted(p for p in batch.output_dir(files.path(), names.flow, shard_key).glob("*")
                            if p.is_file()) if job.state != "ingested" else []
@@ -234,7 +275,8 @@ def build_flow_definitions(
                                         max_attempts=get_settings().max_attempts,
                                         on_progress=lambda n: context.log.info(f"{shard_key}: {n} result lines read"))
             job = ledger.get_job(conn, shard_key)
-            after = after_ingest(conn) if after_ingest is not None else {}
+            after = after_ingest(context, conn, database) if after_ingest is not None else {}
+            rows = table_rows(conn) if table_rows is not None else report.rows_written
             checks = [_accounted_check(conn, job), _not_failed_check(conn, job)]
             if result_checks is not None:
                 checks += result_checks(conn, job)
@@ -243,7 +285,8 @@ def build_flow_definitions(
             context.log.warning(problem)
         return dg.MaterializeResult(
             metadata={
-                "dagster/row_count": report.rows_written,
+                "dagster/row_count": rows,
+                "shard_row_count": report.rows_written,
                 "provider_job_id": job.provider_job_id or "",
                 "items_done": job.items_done or 0,
                 "items_retryable": job.items_retryable or 0,
@@ -259,13 +302,13 @@ def build_flow_definitions(
             check_results=checks,
         )
 
-    candidates_job = dg.define_asset_job(f"{names.prefix}_candidates_job", selection=[candidates],
+    candidates_job = dg.define_asset_job(f"{names.prefix}_candidates_job", selection=[candidates], tags=job_tags,
                                          description=f"Prepare {names.flow} candidates and cut new shards.")
     submit_job = dg.define_asset_job(f"{names.prefix}_submit_job", selection=[request_files, batch_jobs],
-                                     partitions_def=partitions,
+                                     partitions_def=partitions, tags=job_tags,
                                      description="Write one shard's request file and submit it as a provider job.")
     ingest_job = dg.define_asset_job(f"{names.prefix}_ingest_job", selection=[batch_outputs, results],
-                                     partitions_def=partitions,
+                                     partitions_def=partitions, tags=job_tags,
                                      description="Download one finished shard's outputs and ingest them.")
 
     @dg.sensor(name=f"{names.prefix}_planner_sensor", jobs=[candidates_job, submit_job],
@@ -283,8 +326,10 @@ def build_flow_definitions(
             unprepared = has_unprepared(conn) if has_unprepared else False
             if unplanned or unprepared:
                 state = f"{unplanned}:{unprepared}:{ledger.summary(conn, names.flow).items_by_state}"
+                model = getattr(flow, "model", None) or provider.default_model(flow.endpoint)
                 requests.append(dg.RunRequest(job_name=candidates_job.name,
-                                              run_key=f"plan:{hashlib.sha256(state.encode()).hexdigest()[:16]}"))
+                                              run_key=f"plan:{hashlib.sha256(state.encode()).hexdigest()[:16]}",
+                                              tags=run_tags(flow=names.flow, provider=provider.name, model=model)))
             # `submitting` too: a submit that died before the provider answered (reconciled by token first).
             # Only shards the queue quota and the budget have room for: the others wait, visibly, in the
             # ledger (`legal-batch jobs`), and go in on the tick after room frees up.
@@ -293,7 +338,8 @@ def build_flow_definitions(
         for job in waiting:
             if job.shard_key in ready:
                 requests.append(dg.RunRequest(job_name=submit_job.name, partition_key=job.shard_key,
-                                              run_key=f"submit:{job.shard_key}:{job.updated_at.isoformat()}"))
+                                              run_key=f"submit:{job.shard_key}:{job.updated_at.isoformat()}",
+                                              tags=job_run_tags(job)))
         known = set(context.instance.get_dynamic_partitions(partitions.name))
         missing = [job.shard_key for job in waiting if job.shard_key not in known]  # e.g. split shards
         return dg.SensorResult(run_requests=requests,
@@ -301,12 +347,19 @@ def build_flow_definitions(
 
     @dg.sensor(name=f"{names.prefix}_job_status_sensor", job=ingest_job, minimum_interval_seconds=60,
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description="Polls open provider jobs (bounded per tick) and requests an ingest run per finished job.")
+               description="Polls open provider jobs (bounded per tick) and requests an ingest run per finished job; "
+                           f"observes each job's new state on its {jobs_key} partition and the flow's totals "
+                           f"on {progress_key}.")
     def status_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource,
                       providers: ProvidersResource) -> dg.SensorResult:
         """An ingest run per finished job; one that failed is requested again under a new run key
         (`ingest_run_key`), up to `LEGAL_BATCH_INGEST_MAX_ATTEMPTS` runs, then the job's
-        `last_error` and an observation of its results partition say that it stopped and why."""
+        `last_error` and an observation of its results partition say that it stopped and why.
+
+        Each tick also observes, from the ledger, every job whose row changed since the last tick
+        (its state on its `<prefix>_batch_jobs` partition: the materialization says what it was at
+        submit) and, when they moved, the flow's totals on `<prefix>_progress` (plotted over time)."""
+        cursor = StatusCursor.parse(context.cursor)
         max_attempts = get_settings().ingest_max_attempts
         requests: list[dg.RunRequest] = []
         events: list[dg.AssetObservation] = []
@@ -329,12 +382,33 @@ def build_flow_definitions(
                         continue
                 requests.append(dg.RunRequest(job_name=ingest_job.name, partition_key=job.shard_key,
                                               run_key=ingest_run_key(job),
-                                              tags={"legal_batch/ingest_attempt": str(job.ingest_failures + 1)}))
+                                              tags={**job_run_tags(job),
+                                                    "legal_batch/ingest_attempt": str(job.ingest_failures + 1)}))
+            changes = jobs_changed_since(conn, names.flow, cursor.jobs_after, limit=200)
+            totals = flow_progress(conn, names.flow)
+        known = set(context.instance.get_dynamic_partitions(partitions.name)) if changes else set()
+        events += [_job_observation(jobs_key, change) for change in changes if change.shard_key in known]
+        figures = totals.metadata()
+        digest = hashlib.sha256(json.dumps(figures, sort_keys=True).encode()).hexdigest()[:16]
+        if digest != cursor.progress:
+            events.append(dg.AssetObservation(asset_key=progress_key,
+                                              metadata={**figures, "summary": totals.line()}))
         for entry in polled:
             context.log.info(f"{entry.job.shard_key}: {entry.job.provider_job_id} is {entry.status.raw_status}")
-        return dg.SensorResult(run_requests=requests, asset_events=events, cursor=str(len(polled)))
+        after = changes[-1].position if changes else cursor.jobs_after
+        return dg.SensorResult(run_requests=requests, asset_events=events,
+                               cursor=StatusCursor(after, digest).dump())
+
+    progress = dg.AssetSpec(
+        progress_key, group_name=names.group, deps=[names.results], kinds={"postgres"}, owners=OWNERS, tags=tags,
+        description=f"The {names.flow} flow's running totals from the ledger: items done, open, retryable and "
+                    "failed, jobs open and ingested, tokens, estimated and actual spend and its real-time "
+                    f"equivalent. Observed by {names.prefix}_job_status_sensor whenever they move (and by "
+                    f"`legal-batch {names.flow}` runs); the Plots tab shows them over time.")
 
     return FlowDefinitions(
+        sources=list(sources),
+        progress=progress,
         partitions=partitions,
         assets=[candidates, request_files, batch_jobs, batch_outputs, results],
         jobs=[candidates_job, submit_job, ingest_job],
@@ -345,6 +419,76 @@ def build_flow_definitions(
         status_sensor=status_sensor,
         planner_sensor=planner_sensor,
     )
+
+
+RUN_TAG_FLOW = "legal_batch/flow"
+RUN_TAG_PROVIDER = "legal_batch/provider"
+RUN_TAG_MODEL = "legal_batch/model"
+RUN_TAG_SHARD = "legal_batch/shard"
+
+
+def run_tags(*, flow: str, provider: str | None = None, model: str | None = None,
+             shard: str | None = None) -> dict[str, str]:
+    """The tags every run of a flow carries, however it was launched (sensor, CLI, `dagster job
+    execute`, the UI): flow, and provider, model and shard where the run has them."""
+    tags = {RUN_TAG_FLOW: flow, RUN_TAG_PROVIDER: provider, RUN_TAG_MODEL: model, RUN_TAG_SHARD: shard}
+    return {key: value for key, value in tags.items() if value}
+
+
+def job_run_tags(job: ledger.JobRow) -> dict[str, str]:
+    """`run_tags` of a run working on one shard: from its job row."""
+    return run_tags(flow=job.flow, provider=job.provider, model=job.model, shard=job.shard_key)
+
+
+def _tag_run(context: dg.AssetExecutionContext, tags: dict[str, str]) -> None:
+    """Add the tags the run was launched without (e.g. by `dagster job execute` or the UI's
+    Materialize button), so the runs list and timeline can be filtered by flow, provider, model, shard."""
+    missing = {key: value for key, value in tags.items() if context.run.tags.get(key) != value}
+    if missing:
+        context.instance.add_run_tags(context.run_id, missing)
+
+
+@dataclass(frozen=True)
+class StatusCursor:
+    """The job-status sensor's cursor: the last job change observed, and the totals last reported."""
+
+    jobs_after: tuple[str, int] | None = None
+    progress: str = ""
+
+    @classmethod
+    def parse(cls, text: str | None) -> "StatusCursor":
+        try:
+            data = json.loads(text or "")
+        except ValueError:
+            return cls()
+        if not isinstance(data, dict):
+            return cls()  # a cursor from before observations (a count of polled jobs)
+        after = data.get("jobs_after")
+        return cls(tuple(after) if after else None, str(data.get("progress", "")))  # type: ignore[arg-type]
+
+    @classmethod
+    def starting_at(cls, moment: datetime) -> "StatusCursor":
+        """Observe only the changes after `moment` (a CLI run: what happened before it was observed then)."""
+        return cls((moment.isoformat(), 0))
+
+    def dump(self) -> str:
+        return json.dumps({"jobs_after": list(self.jobs_after) if self.jobs_after else None,
+                           "progress": self.progress})
+
+
+def _job_observation(jobs_key: str, change: JobChange) -> dg.AssetObservation:
+    """A job's current state on its `<prefix>_batch_jobs` partition."""
+    return dg.AssetObservation(asset_key=jobs_key, partition=change.shard_key, metadata={
+        "state": change.state,
+        "provider_status": change.provider_status or "",
+        "provider_job_id": change.provider_job_id or "",
+        "requests": change.request_count,
+        "items_done": change.items_done or 0,
+        "items_retryable": change.items_retryable or 0,
+        "items_failed": change.items_failed or 0,
+        "actual_cost_usd": float(change.actual_cost_usd or 0),
+        "changed_at": change.updated_at.isoformat(),
+    })
 
 
 def ingest_run_key(job: ledger.JobRow) -> str:

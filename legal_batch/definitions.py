@@ -14,8 +14,10 @@ from legal_batch.resources import DatabaseResource, FileStoreResource, Providers
 def build_definitions(entries: Iterable[FlowEntry]) -> dg.Definitions:
     """One `Definitions` holding every listed flow's assets, jobs and sensors, and the resources."""
     flows = [entry.definitions() for entry in entries]
+    sources = {spec.key: spec for flow in flows for spec in flow.sources}  # court_cases feeds two flows
     return dg.Definitions(
-        assets=[asset for flow in flows for asset in flow.assets],
+        assets=[*sources.values(), *(asset for flow in flows for asset in flow.assets),
+                *(flow.progress for flow in flows)],
         jobs=[job for flow in flows for job in flow.jobs],
         sensors=[sensor for flow in flows for sensor in flow.sensors],
         resources={

@@ -10,7 +10,9 @@ import dagster as dg
 import psycopg
 
 from legal_batch.core import ledger
+from legal_batch.core.progress import Heartbeat, watch_index_build
 from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
+from legal_batch.flows.catalog import COURT_CASES
 from legal_batch.flows.embeddings.checks import vector_checks, vector_spec
 from legal_batch.flows.embeddings.flow import (
     DONE_WITHOUT_RESULT_SQL,
@@ -19,9 +21,24 @@ from legal_batch.flows.embeddings.flow import (
     sync_chunks,
 )
 from legal_batch.providers.base import BatchProvider
-from legal_batch.resources import get_settings
+from legal_batch.resources import DatabaseResource, get_settings
 
 NAMES = FlowNames(flow="embeddings", prefix="embedding", results="case_embeddings")
+
+CASE_EMBEDDINGS_SCHEMA = dg.TableSchema(
+    columns=[
+        dg.TableColumn("case_id", "uuid", description="court_cases.id (with chunk_index: case_chunks).",
+                       constraints=dg.TableColumnConstraints(nullable=False)),
+        dg.TableColumn("chunk_index", "integer", constraints=dg.TableColumnConstraints(nullable=False)),
+        dg.TableColumn("model", "text", description="The embedding model, e.g. text-embedding-3-small.",
+                       constraints=dg.TableColumnConstraints(nullable=False)),
+        dg.TableColumn("embedding", "vector(1024)", description="Unit-norm vector; HNSW cosine index "
+                       "case_embeddings_hnsw.", constraints=dg.TableColumnConstraints(nullable=False)),
+        dg.TableColumn("created_at", "timestamptz", constraints=dg.TableColumnConstraints(nullable=False)),
+    ],
+    constraints=dg.TableConstraints(other=["PRIMARY KEY (case_id, chunk_index, model)",
+                                           "FOREIGN KEY (case_id, chunk_index) REFERENCES case_chunks"]),
+)
 
 
 def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
@@ -38,9 +55,9 @@ def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
 
 def chunk_new_cases(context: dg.AssetExecutionContext, conn: psycopg.Connection, config: CandidatesConfig) -> dict:
     settings = get_settings()
+    heartbeat = Heartbeat(context.log.info, "chunking cases")
     synced = sync_chunks(conn, max_tokens=settings.chunk_max_tokens, overlap_tokens=settings.chunk_overlap_tokens,
-                         limit_cases=config.limit,
-                         on_progress=lambda n: context.log.debug(f"chunked {n} more cases"))
+                         limit_cases=config.limit, on_progress=heartbeat.beat)
     context.log.info(f"chunked {synced.cases} new cases into {synced.chunks} chunks; {synced.rejected} rejected")
     return {"cases_chunked": synced.cases, "chunks_written": synced.chunks, "cases_rejected": synced.rejected}
 
@@ -53,10 +70,21 @@ def has_unchunked_cases(conn: psycopg.Connection) -> bool:
     ).fetchone()[0])
 
 
-def build_index_when_loaded(conn: psycopg.Connection) -> dict:
-    """After the last in-flight shard is ingested, build the HNSW index (once; see ensure_vector_index)."""
-    seconds = ensure_vector_index(conn)
-    return {} if seconds is None else {"hnsw_index_built_seconds": round(seconds, 1)}
+def build_index_when_loaded(context: dg.AssetExecutionContext, conn: psycopg.Connection,
+                            database: DatabaseResource) -> dict:
+    """After the last in-flight shard is ingested, build the HNSW index (once; see ensure_vector_index),
+    logging its progress every 10 s while it builds (minutes for a large table)."""
+    with watch_index_build(database.connect, context.log.info, table="case_embeddings"):
+        seconds = ensure_vector_index(conn)
+    if seconds is None:
+        return {}
+    context.log.info(f"built the HNSW index on case_embeddings in {seconds:.1f} s")
+    return {"hnsw_index_built_seconds": round(seconds, 1)}
+
+
+def table_rows(conn: psycopg.Connection) -> int:
+    """Every vector in case_embeddings (all shards, all models)."""
+    return conn.execute("SELECT count(*) FROM case_embeddings").fetchone()[0]
 
 
 DEFS = build_flow_definitions(
@@ -68,6 +96,12 @@ DEFS = build_flow_definitions(
     result_checks=vector_checks,
     after_ingest=build_index_when_loaded,
     done_without_result_sql=DONE_WITHOUT_RESULT_SQL,
+    sources=[COURT_CASES],
+    configured_provider=get_settings().embeddings_provider,
+    results_kinds=("postgres", "pgvector"),
+    results_table="case_embeddings",
+    results_schema=CASE_EMBEDDINGS_SCHEMA,
+    table_rows=table_rows,
     descriptions={
         "candidates": "Chunks of court judgments that need an embedding. Grain: one chunk (case_id, chunk_index). "
                       "Chunks new cases into case_chunks (paragraph-aware, token budget, overlap), then cuts the "

@@ -20,6 +20,7 @@ import psycopg
 
 from legal_batch.core import ledger
 from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
+from legal_batch.flows.catalog import COURT_CASES, COURT_CASES_SCHEMA, OWNERS, SOURCES_GROUP
 from legal_batch.flows.headnotes.checks import HEADNOTE_CHECK_SPECS, headnote_checks
 from legal_batch.flows.headnotes.flow import DONE_WITHOUT_RESULT_SQL, HeadnotesFlow
 from legal_batch.providers.base import BatchProvider
@@ -27,6 +28,23 @@ from legal_batch.resources import get_settings
 from legal_batch.resources.providers import make_provider, provider_name_for
 
 NAMES = FlowNames(flow="headnotes", prefix="headnote", results="court_case_headnotes")
+
+HEADNOTE_CORPUS = dg.AssetSpec(
+    "headnote_corpus", group_name=SOURCES_GROUP, kinds={"postgres"}, owners=OWNERS, tags={"layer": "source"},
+    description="Law reporters' headnotes, the few-shot examples of headnote requests (newest first). Grain: one "
+                "headnote. Loaded by the user; while it is empty, built-in examples are used.",
+    metadata={"dagster/table_name": "headnote_corpus", "dagster/column_schema": dg.TableSchema(columns=[
+        dg.TableColumn("id", "bigint", constraints=dg.TableColumnConstraints(nullable=False, unique=True)),
+        dg.TableColumn("headnote_text", "text", constraints=dg.TableColumnConstraints(nullable=False)),
+        dg.TableColumn("created_at", "timestamptz", constraints=dg.TableColumnConstraints(nullable=False)),
+    ])},
+)
+
+HEADNOTE_COLUMNS = dg.TableSchema(
+    columns=[column for column in COURT_CASES_SCHEMA.columns
+             if column.name in ("id", "headnote", "headnote_model", "headnote_generated_at")],
+)
+"""The asset is these columns of court_cases (the rest belong to the court_cases source)."""
 PROCESS_STARTED = datetime.now(UTC)
 """Default overwrite cut-off: with `LEGAL_BATCH_HEADNOTE_OVERWRITE` and no `..._OVERWRITE_BEFORE`,
 headnotes generated before this process started are regenerated, never the ones it writes."""
@@ -89,6 +107,11 @@ def estimate_candidates(context: dg.AssetExecutionContext, conn: psycopg.Connect
     }
 
 
+def table_rows(conn: psycopg.Connection) -> int:
+    """Cases in court_cases that have a headnote (generated or loaded)."""
+    return conn.execute("SELECT count(*) FROM court_cases WHERE headnote IS NOT NULL").fetchone()[0]
+
+
 def check_headnotes(conn: psycopg.Connection, job: ledger.JobRow) -> list[dg.AssetCheckResult]:
     settings = get_settings()
     max_tokens = int((job.params or {}).get("max_tokens", settings.headnote_max_tokens))  # as submitted
@@ -103,6 +126,11 @@ DEFS = build_flow_definitions(
     result_checks=check_headnotes,
     done_without_result_sql=DONE_WITHOUT_RESULT_SQL,
     overwritable=True,
+    sources=[COURT_CASES, HEADNOTE_CORPUS],
+    configured_provider=get_settings().headnotes_provider,
+    results_table="court_cases",
+    results_schema=HEADNOTE_COLUMNS,
+    table_rows=table_rows,
     descriptions={
         "candidates": "Court judgments that need a headnote. Grain: one case (subject key = case id, custom id "
                       "case-<uuid>). Cases with non-empty full_text and no headnote (with overwrite in the run's "

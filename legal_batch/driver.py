@@ -242,7 +242,7 @@ class FlowDriver:
     def waiting(self) -> list[ledger.JobRow]:
         """Shards planned and not yet accepted by the provider."""
         with self._database().connect() as conn:
-            return ledger.list_jobs(conn, flow=self.flow, states=ledger.UNSUBMITTED_JOB_STATES)
+            return ledger.list_jobs(conn, flow=self.flow, states=("planned", "exported", "submitting"))
 
     def check_budget(self) -> None:
         """Refuse (`BudgetExceeded`) before any request when the waiting shards' estimate passes a cap."""
@@ -285,7 +285,7 @@ class FlowDriver:
                 self.echo(f"  ingest of {shard} failed (run {result_run.run_id}): {failure_message(result_run)}; "
                           "the next tick retries it")
         with self._database().connect() as conn:
-            return len(ledger.list_jobs(conn, flow=self.flow, states=ledger.QUEUED_JOB_STATES))
+            return len(ledger.list_jobs(conn, flow=self.flow, states=("submitting", "pending", "running")))
 
     def run(self, *, limit: int | None = None, wait: bool = False, poll_interval: float = 60.0,
             timeout: float | None = None) -> FlowRun:
@@ -353,7 +353,7 @@ class FlowDriver:
 
     def _open_jobs(self) -> int:
         with self._database().connect() as conn:
-            return len(ledger.list_jobs(conn, flow=self.flow, states=ledger.QUEUED_JOB_STATES))
+            return len(ledger.list_jobs(conn, flow=self.flow, states=("submitting", "pending", "running")))
 
 
 class _Outage:

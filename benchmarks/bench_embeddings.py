@@ -19,13 +19,17 @@ Stages, all against throwaway databases `lb_bench_<random>` on the embedded serv
              index-less temp copy of case_embeddings, (c) `core.batch.ingest_shard` without the HNSW
              index, (e) the HNSW build after that bulk load, (d) `ingest_shard` with the index present,
              and the ingest of a `--small-ingest-lines` file (peak RSS must not grow with the file);
+             with `--base64` (the default) the same vectors also as `encoding_format: "base64"`
+             output (what the OpenAI provider asks for): its size, (a) on it, and (c) from it;
+             `--no-index` skips (d) and (e);
 4. e2e       empty database → seed → the whole local flow through Dagster (`flows.runner.FlowDriver`)
              → HNSW index present → one search query.
 
 `ingest_vs_limit` = (c) rate / min((a) rate, (b) rate), where (a) is our parser
 (`openai_format.iter_results`, with its validation) and (b) the faster of two COPY encodings;
 `ingest_vs_bare_orjson_limit` is the same with (a) replaced by a bare orjson loop that validates
-nothing (the stricter yardstick). Timings are of this machine at this moment, including whatever
+nothing (the stricter yardstick). `ingest_base64_vs_copy` = base64 (c) / (b): once decoding is
+cheap, COPY is the limit. Timings are of this machine at this moment, including whatever
 else runs on it (the load average is recorded); nothing here is a test.
 """
 
@@ -168,9 +172,13 @@ def _ensure_chunks(conn, needed: int) -> int:
         sync_chunks(conn, max_tokens=settings.chunk_max_tokens, overlap_tokens=settings.chunk_overlap_tokens)
 
 
-def _output_lines(custom_ids: list[str], *, model: str, dimensions: int, seed: int) -> Iterator[bytes]:
+def _output_lines(custom_ids: list[str], *, model: str, dimensions: int, seed: int,
+                  encoding: str = "float") -> Iterator[bytes]:
     """OpenAI batch output lines (the shape `openai_format.iter_results` reads and the local provider
-    writes) with random unit vectors; floats are float32 values printed as doubles, as OpenAI does."""
+    writes) with random unit vectors; floats are float32 values printed as doubles, as OpenAI does,
+    or with `encoding="base64"` the base64 of their little-endian float32 bytes (same seed, same vectors)."""
+    import base64
+
     import numpy as np
     import orjson
 
@@ -180,8 +188,10 @@ def _output_lines(custom_ids: list[str], *, model: str, dimensions: int, seed: i
         ids = custom_ids[start:start + block]
         vectors = rng.standard_normal((len(ids), dimensions)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        for custom_id, vector in zip(ids, vectors.astype(np.float64), strict=True):
-            body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+        for custom_id, vector in zip(ids, vectors, strict=True):
+            embedding = (base64.b64encode(vector.astype("<f4").tobytes()).decode() if encoding == "base64"
+                         else vector.astype(np.float64))
+            body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": embedding}],
                     "model": model, "usage": {"prompt_tokens": 300, "total_tokens": 300}}
             yield orjson.dumps({"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": custom_id,
                                 "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body},
@@ -233,14 +243,27 @@ def stage_ingest_setup(params: dict) -> Figures:
                                   failed_count=0, output_location=str(path), finished_at=datetime.now(UTC))
             shards[str(size)] = {"shard_key": shard_key, "path": str(path), "lines": size, "job_id": job.id,
                                  "bytes": path.stat().st_size}
+            if size in params.get("base64_sizes", []):  # the same vectors as `encoding_format: "base64"` output
+                b64 = path.with_name(f"{shard_key}.output.base64.jsonl")
+                with atomic_writer(b64) as out:
+                    for line in _output_lines(custom_ids, model=flow.model, dimensions=flow.dimensions, seed=size,
+                                              encoding="base64"):
+                        out.write(line)
+                same = next(openai_format.iter_results([b64], endpoint="embeddings"))
+                if same.vector is None or same.custom_id != first.custom_id or not (same.vector == first.vector).all():
+                    raise RuntimeError(f"generated base64 output does not parse to the float output's vectors: {same}")
+                log(f"ingest setup: wrote the same {size} vectors as base64 ({b64.stat().st_size / MB:.0f} MB)")
+                shards[str(size)] |= {"base64_path": str(b64), "base64_bytes": b64.stat().st_size}
     return {"_shards": shards, "_index_def": index_def[0] if index_def else ""}  # type: ignore[dict-item]
 
 
 def stage_parse_copy(params: dict) -> Figures:
     """(a) parsing alone, two ways, and (b) raw binary COPY of the parsed vectors, two ways; the
-    parse passes alternate `repeat` times and the fastest of each counts."""
+    parse passes alternate `repeat` times and the fastest of each counts. For a base64 file
+    (`encoding`) the bare loop decodes base64 instead; `copy=False` skips (b)."""
     import numpy as np
     import orjson
+    import pybase64
 
     from legal_batch.providers import openai_format
 
@@ -260,11 +283,17 @@ def stage_parse_copy(params: dict) -> Figures:
         count = 0
         with path.open("rb", buffering=MB) as handle:
             for raw in handle:
-                vector = np.asarray(orjson.loads(raw)["response"]["body"]["data"][0]["embedding"], dtype=np.float32)
+                embedding = orjson.loads(raw)["response"]["body"]["data"][0]["embedding"]
+                vector = (np.frombuffer(pybase64.b64decode(embedding), dtype="<f4")
+                          if params.get("encoding") == "base64" else np.asarray(embedding, dtype=np.float32))
                 count += vector.shape[0] == dims
         orjson_seconds.append(time.perf_counter() - started)
         if count != lines or len(custom_ids) != lines:
             raise RuntimeError(f"parsed {count} / {len(custom_ids)} vectors of {lines}")
+    parsed = {"parse_lines_per_s": rate(lines, min(parse_seconds)),
+              "parse_orjson_lines_per_s": rate(lines, min(orjson_seconds))}
+    if not params.get("copy", True):
+        return parsed
     keys = [(uuid.UUID(c[6:42]), int(c[43:])) for c in custom_ids]  # chunk-<uuid>-<index>
     model = params["model"]
     copy_seconds: dict[str, float] = {}
@@ -282,9 +311,7 @@ def stage_parse_copy(params: dict) -> Figures:
             if copied != lines:
                 raise RuntimeError(f"COPY ({variant}) wrote {copied} rows of {lines}")
         conn.execute("DROP TABLE bench_copy")
-    return {
-        "parse_lines_per_s": rate(lines, min(parse_seconds)),
-        "parse_orjson_lines_per_s": rate(lines, min(orjson_seconds)),
+    return parsed | {
         "copy_row_vectors_per_s": rate(lines, copy_seconds["row"]),
         "copy_block_vectors_per_s": rate(lines, copy_seconds["block"]),
     }
@@ -509,7 +536,7 @@ def _hnsw_definition() -> str:
 
 def _ingest_figures(bench: Bench, url: str, args: argparse.Namespace) -> Figures:
     large, small = args.ingest_lines, args.small_ingest_lines
-    setup = bench.stage("ingest_setup", url, {"sizes": [large, small]})
+    setup = bench.stage("ingest_setup", url, {"sizes": [large, small], "base64_sizes": [large] if args.base64 else []})
     index_def = setup["_index_def"] or _hnsw_definition()
     shard = setup["_shards"][str(large)]
     model = "local-lexical-v1"
@@ -521,14 +548,17 @@ def _ingest_figures(bench: Bench, url: str, args: argparse.Namespace) -> Figures
     plain = _best_ingest(bench, url, base | {"hnsw": False}, repeat=args.repeat)
     figures |= {"ingest_seconds": plain["seconds"], "ingest_vectors_per_s": plain["vectors_per_s"],
                 "ingest_peak_rss_mb": plain["peak_rss_mb"], "ingest_rss_before_mb": plain["rss_before_mb"]}
-    figures |= bench.stage("index_build", url, {"index_def": index_def})
+    if args.base64:
+        figures |= _base64_figures(bench, url, args, shard, base, model)
     part = setup["_shards"][str(small)]
-    # into a table that already has its index: the smaller file (row-by-row index upkeep runs at
-    # about 1% of the plain rate, which is why the pipeline builds the index after loads)
-    indexed = bench.stage("ingest", url, {"shard_key": part["shard_key"], "path": part["path"], "lines": small,
-                                          "index_def": index_def, "hnsw": True})
-    figures |= {"ingest_hnsw_lines": small, "ingest_hnsw_seconds": indexed["seconds"],
-                "ingest_hnsw_vectors_per_s": indexed["vectors_per_s"]}
+    if args.index:
+        figures |= bench.stage("index_build", url, {"index_def": index_def})
+        # into a table that already has its index: the smaller file (row-by-row index upkeep runs at
+        # about 1% of the plain rate, which is why the pipeline builds the index after loads)
+        indexed = bench.stage("ingest", url, {"shard_key": part["shard_key"], "path": part["path"], "lines": small,
+                                              "index_def": index_def, "hnsw": True})
+        figures |= {"ingest_hnsw_lines": small, "ingest_hnsw_seconds": indexed["seconds"],
+                    "ingest_hnsw_vectors_per_s": indexed["vectors_per_s"]}
     smaller = _best_ingest(bench, url, {"shard_key": part["shard_key"], "path": part["path"], "lines": small,
                                         "index_def": index_def, "hnsw": False}, repeat=args.repeat)
     figures |= {"ingest_small_lines": small, "ingest_small_vectors_per_s": smaller["vectors_per_s"],
@@ -539,8 +569,30 @@ def _ingest_figures(bench: Bench, url: str, args: argparse.Namespace) -> Figures
     ingest = float(figures["ingest_vectors_per_s"])
     figures["ingest_vs_bare_orjson_limit"] = round(
         ingest / min(float(figures["parse_orjson_lines_per_s"]), copy_limit), 3)
+    figures["ingest_vs_parse"] = round(ingest / float(figures["parse_lines_per_s"]), 3)
+    if args.base64:
+        base64_ingest = float(figures["ingest_base64_vectors_per_s"])
+        figures["ingest_base64_vs_copy"] = round(base64_ingest / copy_limit, 3)
+        figures["ingest_base64_vs_limit"] = round(
+            base64_ingest / min(float(figures["parse_base64_lines_per_s"]), copy_limit), 3)
     figures["ingest_vs_limit"] = round(ingest / float(figures["limit_vectors_per_s"]), 3)
     return figures
+
+
+def _base64_figures(bench: Bench, url: str, args: argparse.Namespace, shard: dict, base: dict,
+                    model: str) -> Figures:
+    """The same shard's vectors as `encoding_format: "base64"` output: file size, parse rate (ours and
+    a bare orjson + base64 loop) and the real ingest, each against the same COPY limit."""
+    lines = args.ingest_lines
+    parsed = bench.stage("parse_copy", url, {"path": shard["base64_path"], "lines": lines, "model": model,
+                                             "repeat": args.repeat, "encoding": "base64", "copy": False})
+    run = _best_ingest(bench, url, base | {"path": shard["base64_path"], "hnsw": False}, repeat=args.repeat)
+    return {"ingest_base64_file_mb": round(shard["base64_bytes"] / MB, 1),
+            "ingest_base64_bytes_per_line": round(shard["base64_bytes"] / lines),
+            "parse_base64_lines_per_s": parsed["parse_lines_per_s"],
+            "parse_base64_bare_lines_per_s": parsed["parse_orjson_lines_per_s"],
+            "ingest_base64_seconds": run["seconds"], "ingest_base64_vectors_per_s": run["vectors_per_s"],
+            "ingest_base64_peak_rss_mb": run["peak_rss_mb"]}
 
 
 def _best_ingest(bench: Bench, url: str, params: dict, *, repeat: int) -> dict:
@@ -571,6 +623,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=2,
                         help="runs of (a), (b) and (c) and of the small ingest; the fastest counts")
     parser.add_argument("--stages", default="export,ingest,e2e", help="comma-separated subset of export,ingest,e2e")
+    parser.add_argument("--base64", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the same vectors as base64 output (encoding_format: base64)")
+    parser.add_argument("--index", action=argparse.BooleanOptionalAction, default=True,
+                        help="build the HNSW index after the load and ingest into it (--no-index skips both)")
     parser.add_argument("--keep", action="store_true", help="keep the databases and home (for debugging)")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--params", default="{}", help=argparse.SUPPRESS)

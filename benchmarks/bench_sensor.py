@@ -183,10 +183,10 @@ def stage_status(params: dict) -> Figures:
 
 def _synthetic_chunks(url: str, chunks: int) -> None:
     """`chunks` chunks (17 a case, 400 tokens, short text) written by the server itself."""
-    import psycopg
+    from legal_batch.db import connect
 
     cases = -(-chunks // CHUNKS_PER_CASE)
-    with psycopg.connect(url, autocommit=True) as conn:
+    with connect(url) as conn:
         conn.execute("INSERT INTO court_cases (id, neutral_citation, case_name, court, full_text)"
                      " SELECT md5('case' || g)::uuid, '[2024] BENCH ' || g, 'Case ' || g, 'Bench', 'text'"
                      " FROM generate_series(1, %s) g", (cases,))

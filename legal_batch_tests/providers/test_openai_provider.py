@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from legal_batch.core import batch, ledger
+from legal_batch.db import connect
 from legal_batch.providers import openai_format
 from legal_batch.providers.base import (
     ChatRequest,
@@ -594,7 +595,7 @@ def test_a_thousand_open_batches_are_polled_from_the_batch_list_and_only_ever_mo
         def poll_many(self, ids, *, created_after=None):
             statuses = provider.poll_many(ids, created_after=created_after)
             emulator.set_status(ahead.provider_job_id or "", "in_progress")
-            with psycopg.connect(database_url, autocommit=True) as other:
+            with connect(database_url) as other:
                 other.execute("UPDATE batch_jobs SET state = 'running', provider_status = 'in_progress',"
                               " updated_at = clock_timestamp() WHERE id = %s", (ahead.id,))
             return statuses

@@ -24,6 +24,7 @@ from legal_batch.core.wording import plural
 from legal_batch.db.connection import DatabaseError
 from legal_batch.flows.registry import FLOWS, flow_names
 from legal_batch.settings import get_settings
+from legal_batch.sinks.registry import parse_sink_names, sink_names
 
 
 def _flag_type(display_type_rich: Callable) -> Callable:
@@ -398,10 +399,36 @@ def jobs(flow: Annotated[FlowChoice | None, _FLOW_OPTION] = None) -> None:
                           f"flight of ${cap:f} ({policy.budget_setting})", highlight=False)
 
 
+SinkChoice = StrEnum("SinkChoice", [(name, name) for name in sink_names()])
+"""The registered vector sinks, as the choices of `search --sink`."""
+
+
+def _search_sink(name: str, vector, *, model: str, dimensions: int, k: int, query: str) -> None:
+    """Search a vector sink other than pgvector (its own index, its own stored text and metadata)."""
+    from legal_batch.sinks.registry import open_sink
+
+    sink = open_sink(name, model=model, dimensions=dimensions, settings=get_settings())
+    try:
+        hits = sink.search(vector, k=k)
+    finally:
+        sink.close()
+    console.print(f"[bold]top {plural(k, 'chunk')} in {sink.where} for[/bold] “{query}”")
+    if not hits:
+        console.print(f"no vectors of {model} in {sink.where}: run `legal-batch embeddings run --wait` with "
+                      f"{name} in LEGAL_BATCH_EMBEDDINGS_SINKS", markup=False)
+    for rank, hit in enumerate(hits, start=1):
+        text = " ".join(hit.text.split())
+        console.print(f"{rank}. {hit.metadata.get('citation', '')} {hit.record_id} — chunk {hit.chunk_index} "
+                      f"({hit.metadata.get('chunk_type', '')}), score {hit.score:.3f}\n   {text[:300]}…", markup=False)
+
+
 @app.command("search")
 def search(query: Annotated[str, typer.Argument(help="What to look for.")],
-           k: Annotated[int, typer.Option(help="Number of chunks (1 or more).")] = 5) -> None:
-    """Semantic search over case_embeddings with the configured embeddings provider."""
+           k: Annotated[int, typer.Option(help="Number of chunks (1 or more).")] = 5,
+           sink: Annotated[SinkChoice | None, typer.Option(
+               help="The vector store to search (default: the first of LEGAL_BATCH_EMBEDDINGS_SINKS).")] = None,
+           ) -> None:
+    """Semantic search over the stored embeddings with the configured embeddings provider."""
     from legal_batch.flows.embeddings.search import search as run_search
     from legal_batch.providers.base import EmbeddingRequest
 
@@ -416,6 +443,10 @@ def search(query: Annotated[str, typer.Argument(help="What to look for.")],
     if result.vector is None:
         err.print(f"[red]could not embed the query: {result.error}[/red]")
         raise typer.Exit(1)
+    chosen = str(sink) if sink is not None else parse_sink_names(settings.embeddings_sinks)[0]
+    if chosen != "pgvector":
+        _search_sink(chosen, result.vector, model=model, dimensions=settings.embedding_dimensions, k=k, query=query)
+        return
     with _connect() as conn:
         hits = run_search(conn, result.vector, model=model, k=k)
         stored = [] if hits else conn.execute(

@@ -44,11 +44,13 @@ def open_sink(*, model: str, dimensions: int, settings: Settings, conn: psycopg.
               ) -> PgvectorSink:
     if conn is None:
         raise SinkError("the pgvector sink writes through the ledger's Postgres connection; open it with conn=")
-    return PgvectorSink(conn, model=model, dimensions=dimensions)
+    table = getattr(settings, "embeddings_table", None) or DEFAULT_TABLE
+    return PgvectorSink(conn, model=model, dimensions=dimensions, table=table)
 
 
 class PgvectorSink:
-    """See the module docstring. `table` must have the columns of `case_embeddings`."""
+    """See the module docstring. `table` (`name` on the search path, or `schema.name`) must have the
+    columns of `case_embeddings`."""
 
     name = "pgvector"
     transactional = TRANSACTIONAL
@@ -59,6 +61,7 @@ class PgvectorSink:
         self.dimensions = dimensions
         self.table = table
         self.where = table
+        self._table = sql.Identifier(*table.split("."))
         stored = stored_dimensions(conn, table)
         if stored != dimensions:
             raise DimensionMismatch(
@@ -100,7 +103,7 @@ class PgvectorSink:
                 "INSERT INTO {} (case_id, chunk_index, model, embedding)"
                 " SELECT case_id, chunk_index, %s, embedding FROM {}"
                 " ON CONFLICT (case_id, chunk_index, model) DO UPDATE"
-                " SET embedding = excluded.embedding, created_at = now()").format(sql.Identifier(self.table), stage),
+                " SET embedding = excluded.embedding, created_at = now()").format(self._table, stage),
                 (self.model,))
             cur.execute(sql.SQL("TRUNCATE {}").format(stage))
 
@@ -111,11 +114,11 @@ class PgvectorSink:
         return self.conn.execute(sql.SQL(
             "DELETE FROM {} e USING unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index)"
             " WHERE e.case_id = k.case_id AND e.chunk_index = k.chunk_index AND e.model = %s"
-        ).format(sql.Identifier(self.table)), (case_ids, indexes, self.model)).rowcount
+        ).format(self._table), (case_ids, indexes, self.model)).rowcount
 
     def count(self) -> int:
         return self.conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE model = %s").format(
-            sql.Identifier(self.table)), (self.model,)).fetchone()[0]
+            self._table), (self.model,)).fetchone()[0]
 
     def contains(self, ids: Sequence[str]) -> set[str]:
         case_ids, indexes = self._keys(ids)
@@ -124,7 +127,7 @@ class PgvectorSink:
         rows = self.conn.execute(sql.SQL(
             "SELECT e.case_id::text, e.chunk_index FROM {} e"
             " JOIN unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index) USING (case_id, chunk_index)"
-            " WHERE e.model = %s").format(sql.Identifier(self.table)), (case_ids, indexes, self.model)).fetchall()
+            " WHERE e.model = %s").format(self._table), (case_ids, indexes, self.model)).fetchall()
         stored = {vector_id(case_id, index) for case_id, index in rows}
         # answer in the caller's spelling of each id (a uuid may be written in upper case)
         return {value for value in ids if _canonical(value) in stored}
@@ -139,7 +142,7 @@ class PgvectorSink:
                 " LEFT JOIN case_chunks c ON c.case_id = e.case_id AND c.chunk_index = e.chunk_index"
                 " LEFT JOIN court_cases k ON k.id = e.case_id"
                 " WHERE e.model = %(model)s ORDER BY e.embedding <=> %(q)s LIMIT %(k)s"
-            ).format(sql.Identifier(self.table)),
+            ).format(self._table),
                 {"q": np.asarray(vector, dtype=np.float32), "model": self.model, "k": k}).fetchall()
         hits = []
         for case_id, index, score, chunk_type, text, sha, citation, case_name, court in rows:

@@ -229,9 +229,9 @@ class FlowDriver:
                 run.run_succeeded(shard)
                 with self._database().connect() as conn:
                     job = ledger.get_job(conn, shard)
-                if job.state in ("planned", "exported"):
+                if job.state in ledger.WAITING_JOB_STATES:
                     self.echo(f"  {shard} waits: {job.waiting_reason or job.last_error}")
-                elif job.state == "split":
+                elif job.state == ledger.JobState.SPLIT:
                     self.echo(f"  {shard} split to fit the queue quota: {', '.join(job.split_into or [])}")
                 else:
                     run.submitted.append(shard)
@@ -242,7 +242,7 @@ class FlowDriver:
     def waiting(self) -> list[ledger.JobRow]:
         """Shards planned and not yet accepted by the provider."""
         with self._database().connect() as conn:
-            return ledger.list_jobs(conn, flow=self.flow, states=("planned", "exported", "submitting"))
+            return ledger.list_jobs(conn, flow=self.flow, states=ledger.UNSUBMITTED_JOB_STATES)
 
     def check_budget(self) -> None:
         """Refuse (`BudgetExceeded`) before any request when the waiting shards' estimate passes a cap."""
@@ -285,7 +285,7 @@ class FlowDriver:
                 self.echo(f"  ingest of {shard} failed (run {result_run.run_id}): {failure_message(result_run)}; "
                           "the next tick retries it")
         with self._database().connect() as conn:
-            return len(ledger.list_jobs(conn, flow=self.flow, states=("submitting", "pending", "running")))
+            return len(ledger.list_jobs(conn, flow=self.flow, states=ledger.QUEUED_JOB_STATES))
 
     def run(self, *, limit: int | None = None, wait: bool = False, poll_interval: float = 60.0,
             timeout: float | None = None) -> FlowRun:
@@ -330,7 +330,8 @@ class FlowDriver:
                 self.echo(f"  {len(waiting)} shards wait for budget: {waiting[0].waiting_reason}")
                 return run
             if timeout is not None and time.monotonic() - started > timeout:
-                self.echo(f"  {open_jobs} jobs still open, {len(waiting)} shards waiting after {timeout:.0f} s; "
+                self.echo(f"  {open_jobs} jobs still open, {len(waiting)} shards waiting"
+                          + (f" ({_why(waiting)})" if waiting else "") + f" after {timeout:.0f} s; "
                           f"run `legal-batch {self.flow} run --wait` again to continue")
                 return run
             self.echo(f"  {_count(open_jobs, 'job')} open, {_count(len(waiting), 'shard')} waiting"
@@ -353,7 +354,7 @@ class FlowDriver:
 
     def _open_jobs(self) -> int:
         with self._database().connect() as conn:
-            return len(ledger.list_jobs(conn, flow=self.flow, states=("submitting", "pending", "running")))
+            return len(ledger.list_jobs(conn, flow=self.flow, states=ledger.QUEUED_JOB_STATES))
 
 
 class _Outage:

@@ -27,7 +27,7 @@ from legal_batch.core.cost import price
 from legal_batch.core.crash import crash_point
 from legal_batch.core.flow import Flow, Item, Permanent
 from legal_batch.core.jsonl import atomic_writer, iter_objects
-from legal_batch.core.ledger import JobRow, PlanResult, ShardLimits
+from legal_batch.core.ledger import JobRow, JobState, PlanResult, ShardLimits
 from legal_batch.core.quota import QuotaPolicy
 from legal_batch.providers.base import (
     TERMINAL_STATES,
@@ -88,13 +88,13 @@ def split_oversized(conn: psycopg.Connection, *, flow: str, provider: BatchProvi
     or lowered) would leave the queue part-empty while it waits; both are split into shards of at
     most `max_tokens`."""
     new_keys: list[str] = []
-    for job in ledger.list_jobs(conn, flow=flow, states=("planned", "exported")):
+    for job in ledger.list_jobs(conn, flow=flow, states=ledger.WAITING_JOB_STATES):
         tokens = job.est_input_tokens or 0
         if job.provider == provider.name and job.model == model and job.mode == "batch" \
                 and (tokens > usable or tokens > max_tokens * 1.5) and job.request_count > 1:
             with conn.transaction():
                 locked = ledger.get_job(conn, job.shard_key, for_update=True)
-                if locked.state in ("planned", "exported"):
+                if locked.state in ledger.WAITING_JOB_STATES:
                     new_keys += _split(conn, locked, provider, max_tokens)
     return new_keys
 
@@ -137,9 +137,9 @@ def write_request_file(conn: psycopg.Connection, flow: Flow, provider: BatchProv
     max_bytes = provider.limits.max_bytes_per_file
     with conn.transaction():  # holds the row lock and the server-side cursor
         job = ledger.get_job(conn, shard_key, for_update=True)
-        if job.state == "split":
+        if job.state == JobState.SPLIT:
             return RequestFile(path, 0, 0, 0, 0.0, 0.0, f"(split into {', '.join(job.split_into or [])})")
-        if job.state not in ("planned", "exported"):
+        if job.state not in ledger.WAITING_JOB_STATES:
             if not path.exists():
                 raise ShardNotReady(f"shard {shard_key} is already {job.state} and its request file {path} is gone")
             return RequestFile(path, job.request_count, path.stat().st_size, job.est_input_tokens or 0,
@@ -166,7 +166,7 @@ def write_request_file(conn: psycopg.Connection, flow: Flow, provider: BatchProv
     tokens = job.est_input_tokens or 0
     cost = price(job.model, input_tokens=tokens)
     with conn.transaction():
-        ledger.update_job(conn, job.id, state="exported", input_location=str(path), input_bytes=size,
+        ledger.update_job(conn, job.id, state=JobState.EXPORTED, input_location=str(path), input_bytes=size,
                           est_cost_usd=cost.batch_usd)
     return RequestFile(path, lines, size, tokens, float(cost.batch_usd), float(cost.realtime_usd), preview)
 
@@ -207,15 +207,15 @@ def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider
         return _serve_realtime(conn, flow, provider, shard_key, policy=policy, files_root=files_root)
     with conn.transaction():
         job = ledger.get_job(conn, shard_key, for_update=True)
-        if job.state in ("planned",):
+        if job.state == JobState.PLANNED:
             raise ShardNotReady(f"shard {shard_key}: request file not written yet; materialize its request file")
-        if job.state not in ("exported", "submitting"):
+        if job.state not in (JobState.EXPORTED, JobState.SUBMITTING):
             return SubmitOutcome(shard_key, job.state, job.provider_job_id,
                                  f"already submitted as {job.provider_job_id} ({job.state}); nothing to do")
         if job.next_submit_at is not None and job.next_submit_at > datetime.now(UTC):
             return SubmitOutcome(shard_key, job.state, None,
                                  f"held back after a quota refusal until {job.next_submit_at:%Y-%m-%d %H:%M:%S} UTC")
-        if job.state == "exported":
+        if job.state == JobState.EXPORTED:
             admission = quota.admit(conn, job_id=job.id, flow=job.flow, provider=job.provider, model=job.model,
                                     tokens=job.est_input_tokens or 0, est_cost_usd=job.est_cost_usd or Decimal(0),
                                     kind=provider.limits.quota_kind, policy=policy)
@@ -226,14 +226,14 @@ def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider
             if not admission.ok:
                 quota.hold(conn, job.id, admission.reason or "waiting")
                 return SubmitOutcome(shard_key, job.state, None, f"{admission.reason}; not submitted yet")
-        if job.state == "submitting":
+        if job.state == JobState.SUBMITTING:
             found = provider.find_job(client_token=job.client_token)
             if found is not None:
                 _record_submitted(conn, job, found)
                 return SubmitOutcome(shard_key, found.status.state, found.provider_job_id,
                                      f"reconciled: the provider already had job {found.provider_job_id} "
                                      f"for token {job.client_token}; not submitted again")
-        ledger.update_job(conn, job.id, state="submitting", submit_attempts=job.submit_attempts + 1)
+        ledger.update_job(conn, job.id, state=JobState.SUBMITTING, submit_attempts=job.submit_attempts + 1)
     crash_point("after_job_row")
     try:
         submitted = provider.submit(request_file=Path(job.input_location or ""), endpoint=flow.endpoint,
@@ -271,7 +271,7 @@ def admissible_shards(conn: psycopg.Connection, flow: str, providers: Callable[[
     worth a submit run this round (`quota.admissible`) —, after re-cutting waiting shards to the
     quota as now known (`split_oversized`)."""
     pairs = conn.execute("SELECT DISTINCT provider, model FROM batch_jobs WHERE flow = %s AND state = ANY(%s)",
-                         (flow, ["planned", "exported", "submitting"])).fetchall()
+                         (flow, list(ledger.UNSUBMITTED_JOB_STATES))).fetchall()
     ready: list[str] = []
     for provider_name, model in pairs:
         provider = providers(provider_name)
@@ -297,7 +297,7 @@ def _serve_realtime(conn: psycopg.Connection, flow: Flow, provider: BatchProvide
                             "are kept in until its ingest")
     with conn.transaction():
         job = ledger.get_job(conn, shard_key, for_update=True)
-        if job.state not in ("exported", "submitting"):
+        if job.state not in (JobState.EXPORTED, JobState.SUBMITTING):
             return SubmitOutcome(shard_key, job.state, job.provider_job_id, f"already {job.state}; nothing to do")
         over = quota.budget_refusal(conn, flow=job.flow, extra_usd=price(
             job.model, input_tokens=job.est_input_tokens or 0, batch=False).batch_usd, policy=policy)
@@ -357,7 +357,7 @@ def iter_realtime_results(files: Iterable[Path]) -> Iterator[Result]:
 def _record_submitted(conn: psycopg.Connection, job: JobRow, submitted: SubmittedJob) -> None:
     """Record the provider job on the shard (inside the caller's transaction) unless another process
     (a poller that found it by its token) already did and moved it on: a job never goes back."""
-    if ledger.get_job(conn, job.shard_key, for_update=True).state not in ("exported", "submitting"):
+    if ledger.get_job(conn, job.shard_key, for_update=True).state not in (JobState.EXPORTED, JobState.SUBMITTING):
         return
     ledger.update_job(conn, job.id, provider_job_id=submitted.provider_job_id, state=submitted.status.state,
                       provider_status=submitted.status.raw_status, submitted_at=datetime.now(UTC),
@@ -426,7 +426,7 @@ def poll_open_jobs(conn: psycopg.Connection, providers: Callable[[str], BatchPro
     return polled
 
 
-_POLLED_STATES = ("submitting", "pending", "running")
+_POLLED_STATES = ledger.QUEUED_JOB_STATES
 _STEP = {"submitting": 0, "pending": 1, "running": 2}
 """How far a job has come; every terminal state is step 3. A recorded status never lowers it."""
 _LISTING_MARGIN = timedelta(hours=1)
@@ -488,7 +488,7 @@ def _record_status(conn: psycopg.Connection, provider: BatchProvider, job: JobRo
     if status.quota_exceeded:
         _requeue_for_quota(conn, provider, job, status.message or status.raw_status, policy=policy)
         return Polled(ledger.get_job(conn, job.shard_key), status)
-    if status.state == "running" and job.state == "pending":  # validated: the provider took it into its queue
+    if status.state == "running" and job.state == JobState.PENDING:  # validated: the provider took it into its queue
         quota.note_accepted(conn, provider=job.provider, model=job.model)
     values: dict[str, object] = dict(
         state=status.state, provider_status=status.raw_status, completed_count=status.completed,
@@ -516,7 +516,7 @@ def _requeue_for_quota(conn: psycopg.Connection, provider: BatchProvider, job: J
     when = "when the quota has room" if retry_at is None else f"after {retry_at:%H:%M:%S} UTC"
     refused = f"provider job {job.provider_job_id}" if job.provider_job_id else "the submission"
     ledger.update_job(
-        conn, job.id, state="exported", provider_job_id=None, provider_status=None,
+        conn, job.id, state=JobState.EXPORTED, provider_job_id=None, provider_status=None,
         client_token=ledger.new_client_token(), next_submit_at=retry_at, quota_refusals=job.quota_refusals + 1,
         last_error=f"{refused} refused for quota ({message}); requeued",
         waiting_reason=f"refused for quota; {learned.note}; next try {when}",
@@ -564,7 +564,7 @@ def download_outputs(conn: psycopg.Connection, provider: BatchProvider, shard_ke
 def _download_locked(conn: psycopg.Connection, provider: BatchProvider, shard_key: str, *,
                      files_root: Path) -> list[Path]:
     job = ledger.get_job(conn, shard_key)
-    if job.state == "ingested":
+    if job.state == JobState.INGESTED:
         dest = output_dir(files_root, job.flow, shard_key)
         return sorted(dest.glob("*")) if dest.exists() else []
     if job.state not in TERMINAL_STATES:
@@ -624,7 +624,7 @@ def ingest_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
         with conn.transaction():
             job = ledger.get_job(conn, shard_key, for_update=True)
             report = IngestReport(shard_key, job.provider_job_id if job.mode == "batch" else "real time")
-            if job.state == "ingested":
+            if job.state == JobState.INGESTED:
                 report.already_ingested = True
                 return report
             if job.state not in TERMINAL_STATES:
@@ -712,7 +712,7 @@ def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: 
                  batch=job.mode == "batch")
     report.actual_cost_usd = float(cost.batch_usd)
     ledger.update_job(
-        conn, job.id, state="ingested", ingested_at=datetime.now(UTC), input_tokens=report.input_tokens,
+        conn, job.id, state=JobState.INGESTED, ingested_at=datetime.now(UTC), input_tokens=report.input_tokens,
         output_tokens=report.output_tokens, actual_cost_usd=cost.batch_usd, items_done=report.done,
         items_retryable=report.retryable, items_failed=report.failed,
         last_error=("; ".join(report.problems[:5]))[:2000] if report.problems else job.last_error,

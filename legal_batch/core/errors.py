@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class QuotaTooSmall(ValueError):
+    """A single request needs more of the queue than the provider's whole quota: no shard can hold it."""
+
+
 class RunFailed(RuntimeError):
     """A Dagster run the command needed failed; the message carries the failed step's own error (one
     line) and the run id, whose logs in `dagster dev` hold the rest."""

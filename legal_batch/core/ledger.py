@@ -18,15 +18,53 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
 
 import psycopg
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from legal_batch.core.quota import QuotaTooSmall
+from legal_batch.core.errors import QuotaTooSmall
 from legal_batch.providers.base import ProviderLimits
 
-ITEM_OPEN_STATES = ("exported", "submitted")
+
+class JobState(StrEnum):
+    """A shard's provider job, from planning to ingest (`batch_jobs.state`)."""
+
+    PLANNED = "planned"        # items claimed; request file not written yet
+    EXPORTED = "exported"      # request file written; waiting for the gate (quota, budget, back-off)
+    SUBMITTING = "submitting"  # the provider call is under way (or crashed: reconciled by client token)
+    PENDING = "pending"        # accepted, validating
+    RUNNING = "running"
+    COMPLETED = "completed"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    INGESTED = "ingested"      # results written and items closed (one transaction)
+    SPLIT = "split"            # cut into smaller shards to fit the queue quota; holds no items
+
+
+class ItemState(StrEnum):
+    """One request subject's state in the ledger (`batch_items.state`)."""
+
+    EXPORTED = "exported"
+    SUBMITTED = "submitted"
+    DONE = "done"
+    RETRYABLE = "retryable"
+    FAILED = "failed"
+
+
+ITEM_OPEN_STATES = (ItemState.EXPORTED, ItemState.SUBMITTED)
+"""An item in one of these is in flight: never a candidate again until its job is ingested."""
+WAITING_JOB_STATES = (JobState.PLANNED, JobState.EXPORTED)
+"""Shards not yet handed to the provider."""
+UNSUBMITTED_JOB_STATES = (*WAITING_JOB_STATES, JobState.SUBMITTING)
+"""Shards a submitter acts on (`submitting`: reconciled by client token first)."""
+QUEUED_JOB_STATES = (JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING)
+"""Shards in the provider's queue (what its queue quota counts, what the status sensor polls)."""
+TERMINAL_JOB_STATES = (JobState.COMPLETED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED)
+"""Finished at the provider; ready for download and ingest."""
 
 
 @dataclass(frozen=True)
@@ -239,7 +277,7 @@ def split_shard(conn: psycopg.Connection, job: JobRow, *, max_tokens: int, min_r
     new shards unchanged — same state, same attempts —, the new shards start `planned` (their request
     files are written again) with the original's per-run options (`params`), and the original ends
     `split`, naming them. Returns the new shard keys."""
-    if job.state not in ("planned", "exported", "submitting") or job.provider_job_id is not None:
+    if job.state not in UNSUBMITTED_JOB_STATES or job.provider_job_id is not None:
         raise ValueError(f"shard {job.shard_key} is {job.state} with job {job.provider_job_id}: only a shard the "
                          "provider never accepted can be split")
     rows = conn.execute("SELECT id, coalesce(input_tokens, 0) FROM batch_items WHERE job_id = %s AND state = ANY(%s)"
@@ -261,7 +299,7 @@ def split_shard(conn: psycopg.Connection, job: JobRow, *, max_tokens: int, min_r
         conn.execute("UPDATE batch_items SET job_id = %s, state = 'exported', updated_at = now()"
                      " WHERE id = ANY(%s)", (new_id, [i for i, _ in piece]))
         keys.append(key)
-    update_job(conn, job.id, state="split", split_into=keys, waiting_reason=None, next_submit_at=None,
+    update_job(conn, job.id, state=JobState.SPLIT, split_into=keys, waiting_reason=None, next_submit_at=None,
                last_error=f"split into {len(keys)} shards of at most {max_tokens:,} tokens to fit the provider's "
                           f"queue quota: {', '.join(keys)}")
     return keys

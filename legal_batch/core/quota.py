@@ -32,21 +32,19 @@ import psycopg
 
 from legal_batch.core.cost import price
 from legal_batch.core.errors import UserError
+from legal_batch.core.ledger import JobState
 
 QuotaKind = Literal["enqueued_tokens", "jobs"]
 QuotaSource = Literal["configured", "stated", "learned"]
 
-QUEUED_STATES = ("submitting", "pending", "running")
+QUEUED_STATES = tuple(s.value for s in (JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING))
 """Job states the provider counts against its queue quota."""
-UNINGESTED_STATES = ("submitting", "pending", "running", "completed", "partial", "failed", "cancelled", "expired")
+UNINGESTED_STATES = (*QUEUED_STATES, *(s.value for s in (JobState.COMPLETED, JobState.PARTIAL, JobState.FAILED,
+                                                              JobState.CANCELLED, JobState.EXPIRED)))
 """Job states whose cost is committed but not yet recorded as actual spend."""
-WAITING_STATES = ("planned", "exported")
+WAITING_STATES = (JobState.PLANNED.value, JobState.EXPORTED.value)
 
 _GATE_LOCK = 0x4C44  # advisory lock namespace for "admitting a job to provider/model"
-
-
-class QuotaTooSmall(ValueError):
-    """A single request needs more of the queue than the provider's whole quota: no shard can hold it."""
 
 
 class BudgetExceeded(UserError):
@@ -200,7 +198,7 @@ def admissible(conn: psycopg.Connection, *, flow: str, provider: str, model: str
     waiting = conn.execute(
         "SELECT shard_key, coalesce(est_input_tokens, 0), mode, next_submit_at FROM batch_jobs"
         " WHERE flow = %s AND provider = %s AND model = %s AND state = ANY(%s) ORDER BY id",
-        (flow, provider, model, [*WAITING_STATES, "submitting"])).fetchall()
+        (flow, provider, model, [*WAITING_STATES, JobState.SUBMITTING.value])).fetchall()
     chosen: list[str] = []
     clock = datetime.now(UTC)
     for shard_key, shard_tokens, mode, next_submit_at in waiting:
@@ -359,7 +357,7 @@ def unsubmitted_estimate(conn: psycopg.Connection, *, flow: str) -> tuple[int, D
     count = 0
     for model, tokens, est, mode in conn.execute(
             "SELECT model, coalesce(est_input_tokens, 0), est_cost_usd, mode FROM batch_jobs"
-            " WHERE flow = %s AND state = ANY(%s)", (flow, [*WAITING_STATES, "submitting"])):
+            " WHERE flow = %s AND state = ANY(%s)", (flow, [*WAITING_STATES, JobState.SUBMITTING.value])):
         count += 1
         total += est if est is not None else price(model, input_tokens=int(tokens), batch=mode == "batch").batch_usd
     return count, total

@@ -19,6 +19,7 @@ import dagster as dg
 import psycopg
 
 from legal_batch.core import batch, ledger, quota
+from legal_batch.core.errors import QuotaTooSmall
 from legal_batch.core.flow import Flow
 from legal_batch.core.progress import JobChange, flow_progress, jobs_changed_since
 from legal_batch.core.verify import VerifyReport, verify
@@ -548,7 +549,7 @@ def _clear_failures() -> Iterator[None]:
     """Errors that a retry cannot fix fail the step at once, with their message, and no retries."""
     try:
         yield
-    except (batch.ShardNotReady, LookupError, UnsupportedRequest, quota.QuotaTooSmall) as exc:
+    except (batch.ShardNotReady, LookupError, UnsupportedRequest, QuotaTooSmall) as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
     except ProviderError as exc:
         if exc.retryable:

@@ -182,7 +182,7 @@ def stage_status(params: dict) -> Figures:
 # -- 2. plan ------------------------------------------------------------------------------------------
 
 def _synthetic_chunks(url: str, chunks: int) -> None:
-    """`chunks` chunks (17 a case, 400 tokens, short text) written by the server itself."""
+    """`chunks` chunks (17 a case, 400 tokens, short distinct texts) written by the server itself."""
     from legal_batch.db import connect
 
     cases = -(-chunks // CHUNKS_PER_CASE)
@@ -192,13 +192,18 @@ def _synthetic_chunks(url: str, chunks: int) -> None:
                      " FROM generate_series(1, %s) g", (cases,))
         conn.execute("INSERT INTO case_chunks (case_id, chunk_index, chunk_type, chunk_text, char_start, char_end,"
                      " token_count, text_sha256)"
-                     " SELECT md5('case' || (n / %s + 1))::uuid, n %% %s, 'body', 'paragraph ' || n, 0, 20, 400, 'x'"
+                     " SELECT md5('case' || (n / %s + 1))::uuid, n %% %s, 'body', 'paragraph ' || n, 0, 20, 400,"
+                     "        md5('paragraph ' || n)"
                      " FROM generate_series(0, %s - 1) n", (CHUNKS_PER_CASE, CHUNKS_PER_CASE, chunks))
         conn.execute("VACUUM ANALYZE")
 
 
 def stage_plan(params: dict) -> Figures:
-    from legal_batch.core import batch
+    from legal_batch.core import batch, ledger
+
+    if params.get("hold_all"):  # before: every shard's candidates listed before the first is recorded
+        cut = ledger.cut_shards
+        ledger.cut_shards = lambda candidates, limits: iter(list(cut(candidates, limits)))  # type: ignore[assignment]
     from legal_batch.flows.embeddings.flow import EmbeddingsFlow
     from legal_batch.providers.local import LocalProvider
 
@@ -226,6 +231,8 @@ class SensorBench(Bench):
 
 
 def run(args: argparse.Namespace) -> Figures:
+    from legal_batch.db import connect
+
     parts = set(args.parts.split(","))
     figures: Figures = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count() or 0,
                         "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
@@ -241,8 +248,12 @@ def run(args: argparse.Namespace) -> Figures:
                 started = time.perf_counter()
                 _synthetic_chunks(url, chunks)
                 log(f"plan setup: {chunks} chunks in {time.perf_counter() - started:.1f} s")
-                figures |= {f"plan_{chunks}_{k}": v for k, v in bench.stage("plan", url, {"chunks": chunks}).items()
-                            if k != "chunks"}
+                for variant in ("before", "after") if args.plan_before else ("after",):
+                    with connect(url) as conn:  # from the same empty ledger each time
+                        conn.execute("TRUNCATE batch_items, batch_jobs")
+                        conn.execute("VACUUM ANALYZE")
+                    measured = bench.stage("plan", url, {"chunks": chunks, "hold_all": variant == "before"})
+                    figures |= {f"plan_{chunks}_{variant}_{k}": v for k, v in measured.items() if k != "chunks"}
     finally:
         bench.close()
     figures["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
@@ -257,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated delays added to every emulator answer (network round trip)")
     parser.add_argument("--plan-chunks", default="200000,2000000", help="comma-separated chunk counts to plan")
     parser.add_argument("--parts", default="status,plan", help="comma-separated subset of status,plan")
+    parser.add_argument("--plan-before", action=argparse.BooleanOptionalAction, default=True,
+                        help="also plan each size the way it was before streaming (every shard listed first)")
     parser.add_argument("--keep", action="store_true", help="keep the databases and home (for debugging)")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     parser.add_argument("--params", default="{}", help=argparse.SUPPRESS)

@@ -393,6 +393,7 @@ def poll_open_jobs(conn: psycopg.Connection, providers: Callable[[str], BatchPro
     moves the job forward (pending → running → finished) or, at the same step, if no other poller
     recorded the job since the status was fetched: a status fetched before another poller recorded
     a newer one never undoes it, and a job resubmitted meanwhile (new provider job) is not touched.
+    A status that says what the ledger already says is returned without a write.
     Other providers, and jobs a listing did not show, are polled one at a time under the row lock.
     Returns every job whose status was recorded; terminal ones are ready for download and ingest."""
     deadline = time.monotonic() + time_budget_s
@@ -410,6 +411,10 @@ def poll_open_jobs(conn: psycopg.Connection, providers: Callable[[str], BatchPro
     for entry in listed:
         if time.monotonic() > deadline:
             break
+        answer = fetched.get(entry.id)
+        if answer is not None and _unchanged(entry, answer[0]):
+            polled.append(Polled(entry, answer[0]))  # nothing new to record: no lock, no write
+            continue
         with conn.transaction():
             job = ledger.lock_job(conn, entry.id, states=_POLLED_STATES)
             if job is None:
@@ -459,6 +464,15 @@ def _poll_many(conn: psycopg.Connection, jobs: list[JobRow], provider_for: Calla
             if status is not None:
                 fetched[job.id] = (status, asked_at)
     return fetched
+
+
+def _unchanged(job: JobRow, status: JobStatus) -> bool:
+    """The status says what the job's row already says."""
+    return (status.state == job.state and status.raw_status == job.provider_status and not status.quota_exceeded
+            and status.completed == job.completed_count and status.failed == job.failed_count
+            and (status.output_location or job.output_location) == job.output_location
+            and (status.error_location or job.error_location) == job.error_location
+            and (not status.message or status.message == job.last_error))
 
 
 def _record_fetched(conn: psycopg.Connection, provider: BatchProvider, job: JobRow, status: JobStatus,

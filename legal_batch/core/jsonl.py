@@ -14,24 +14,49 @@ _BOM = b"\xef\xbb\xbf"
 _READ_BUFFER = 1 << 20
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def iter_lines(path: Path, *, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw line without newline) for every non-blank line; a BOM is dropped.
+    With `start`/`end` (byte offsets of line starts, see `line_ranges`): the lines that start in
+    [start, end), numbered from 1 at `start`.
 
     Reads through a 1 MiB buffer: output lines are ~22 KB, and the default 8 KiB buffer costs several
     reads (each one a chance for another thread to take the GIL) per line."""
     with path.open("rb", buffering=_READ_BUFFER) as handle:
+        handle.seek(start)
+        left = None if end is None else end - start
         for number, line in enumerate(handle, start=1):
-            if number == 1 and line.startswith(_BOM):
+            if left is not None:
+                if left <= 0:
+                    break
+                left -= len(line)
+            if number == 1 and start == 0 and line.startswith(_BOM):
                 line = line[len(_BOM) :]
             stripped = line.strip()
             if stripped:
                 yield number, stripped
 
 
-def iter_objects(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+def line_ranges(path: Path, *, size: int) -> list[tuple[int, int]]:
+    """The file cut into byte ranges of about `size` bytes, each starting at a line start, covering it
+    exactly: [(0, b1), (b1, b2), ..., (bn, file size)]."""
+    total = path.stat().st_size
+    bounds = [0]
+    with path.open("rb") as handle:
+        while bounds[-1] + size < total:
+            handle.seek(bounds[-1] + size)
+            handle.readline()  # to the start of the next line
+            if handle.tell() >= total:
+                break
+            bounds.append(handle.tell())
+    return list(zip(bounds, [*bounds[1:], total], strict=True))
+
+
+def iter_objects(path: Path, *, start: int = 0, end: int | None = None
+                 ) -> Iterator[tuple[int, dict | None, str | None]]:
     """(line number, object, None) for each line holding a JSON object, or (line number, None, why)
-    for a line that does not — so a caller reports the line instead of stopping at it."""
-    for number, raw in iter_lines(path):
+    for a line that does not — so a caller reports the line instead of stopping at it. `start` and
+    `end` as for `iter_lines`."""
+    for number, raw in iter_lines(path, start=start, end=end):
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:

@@ -10,6 +10,7 @@ error) and `expire_fraction` (a job expires after that fraction of its requests)
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -58,8 +59,11 @@ class LocalProvider:
         fail_rate: float = 0.0,
         expire_fraction: float | None = None,
         max_records_per_job: int = 5_000,
+        parse_workers: int | None = None,
     ) -> None:
+        """`parse_workers`: processes that parse a large output file (default: one per CPU)."""
         self.root = root
+        self.parse_workers = parse_workers or os.cpu_count() or 1
         self.dimensions = dimensions
         self.fail_rate = fail_rate
         self.expire_fraction = expire_fraction
@@ -152,7 +156,7 @@ class LocalProvider:
         return files
 
     def iter_results(self, files: Sequence[Path], *, endpoint: Endpoint) -> Iterator[Result]:
-        return openai_format.iter_results(files, endpoint=endpoint)
+        return openai_format.iter_results(files, endpoint=endpoint, workers=self.parse_workers)
 
     def realtime(self, requests: Iterable[Request], *, endpoint: Endpoint, model: str) -> Iterator[Result]:
         for number, request in enumerate(requests, start=1):

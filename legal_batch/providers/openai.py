@@ -108,6 +108,7 @@ class OpenAIStyleProvider:
         embedding_tokens_per_call: int = 250_000,
         find_lookback_days: int = OUTPUT_RETENTION_DAYS,
         find_max_batches: int = 10_000,
+        parse_workers: int | None = None,
     ) -> None:
         """`client`: an SDK client (its `max_retries` governs lifecycle calls).
         `concurrency`: real-time calls in flight. `realtime_attempts` / `create_attempts`: tries per
@@ -116,7 +117,8 @@ class OpenAIStyleProvider:
         `embedding_tokens_per_call` (≤ 300,000; a text counts as its UTF-8 bytes, an upper bound of its
         tokens): how many real-time embedding inputs share one call.
         `find_lookback_days` / `find_max_batches`: how far back `find_job` lists batches (older ones
-        have lost their output files anyway)."""
+        have lost their output files anyway). `parse_workers`: processes that parse a large output
+        file (default: one per CPU; 1 parses in the calling process)."""
         if not 1 <= embedding_inputs_per_call <= 2048:
             raise ValueError("embedding_inputs_per_call must be between 1 and 2048 (the embeddings API limit)")
         self.client = client
@@ -132,6 +134,7 @@ class OpenAIStyleProvider:
         self.embedding_tokens_per_call = min(embedding_tokens_per_call, 300_000)
         self.find_lookback = timedelta(days=find_lookback_days)
         self.find_max_batches = find_max_batches
+        self.parse_workers = parse_workers or os.cpu_count() or 1
         self._once = client.with_options(max_retries=0)
         """The same client without SDK retries: batch creation and the real-time path retry themselves."""
 
@@ -379,7 +382,7 @@ class OpenAIStyleProvider:
 
     def iter_results(self, files: Sequence[Path], *, endpoint: Endpoint) -> Iterator[Result]:
         """Results from output and error files, line by line; join on `custom_id`, never on order."""
-        return openai_format.iter_results(files, endpoint=endpoint)
+        return openai_format.iter_results(files, endpoint=endpoint, workers=self.parse_workers)
 
     # -- real time ------------------------------------------------------------------------------------
     def realtime(self, requests: Iterable[Request], *, endpoint: Endpoint, model: str) -> Iterator[Result]:

@@ -34,7 +34,8 @@ def _chunks(conn: psycopg.Connection, count: int) -> list[str]:
         with conn.cursor().copy("COPY case_chunks (case_id, chunk_index, chunk_type, chunk_text, char_start,"
                                 " char_end, token_count, text_sha256) FROM STDIN") as copy:
             for index in range(count):
-                copy.write_row((case_id, index, "body", f"paragraph {index} of the judgment", 0, 10, 6, "x"))
+                copy.write_row((case_id, index, "body", f"paragraph {index} of the judgment", 0, 10, 6,
+                                f"sha-{case_id}-{index}"))  # distinct texts: none is served from another
     return [f"{case_id}:{index}" for index in range(count)]
 
 

@@ -597,7 +597,8 @@ def test_a_thousand_open_batches_are_polled_from_the_batch_list_and_only_ever_mo
             emulator.set_status(ahead.provider_job_id or "", "in_progress")
             with connect(database_url) as other:
                 other.execute("UPDATE batch_jobs SET state = 'running', provider_status = 'in_progress',"
-                              " updated_at = clock_timestamp() WHERE id = %s", (ahead.id,))
+                              " completed_count = 0, failed_count = 0, updated_at = clock_timestamp()"
+                              " WHERE id = %s", (ahead.id,))
             return statuses
 
     before = len(emulator.requests)
@@ -615,6 +616,12 @@ def test_a_thousand_open_batches_are_polled_from_the_batch_list_and_only_ever_mo
     assert requeued.provider_job_id is None and requeued.quota_refusals == 1
     assert conn.execute("SELECT state, attempts FROM batch_items WHERE job_id = %s",
                         (refused.id,)).fetchone() == ("exported", 0)
+
+    # the next tick: nothing changed at the provider, so nothing is written
+    stamps = conn.execute("SELECT id, updated_at FROM batch_jobs ORDER BY id").fetchall()
+    again = batch.poll_open_jobs(conn, lambda _: provider, flow="embeddings")
+    assert len(again) == 1_000 - 250 - 1 and {p.job.state for p in again} == {"pending", "running"}
+    assert conn.execute("SELECT id, updated_at FROM batch_jobs ORDER BY id").fetchall() == stamps
 
 
 def test_a_batch_the_list_does_not_reach_is_polled_by_itself(

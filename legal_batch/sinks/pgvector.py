@@ -3,7 +3,8 @@ own Postgres, written inside the caller's transaction (so it commits or rolls ba
 
 Writes are what the embeddings flow's ingest does: a block of vectors is sent with binary COPY
 (`binary_copy_data`, no Python work per row) into a session staging table, then upserted on
-(case_id, chunk_index, model), so writing a chunk again replaces its vector. Each `upsert` call runs
+(case_id, chunk_index, model), so writing a chunk again replaces its vector (and, where the table has a
+`text_sha256` column, the hash of the text it encodes, from the record's metadata). Each `upsert` call runs
 in a savepoint: a block Postgres refuses (e.g. a chunk with no `case_chunks` row) is reported for
 each of its records and leaves the rest of the caller's transaction intact. The chunk text and the
 case's citation stay in `case_chunks` and `court_cases`; search joins them back.
@@ -69,6 +70,9 @@ class PgvectorSink:
                 f"LEGAL_BATCH_EMBEDDING_DIMENSIONS={stored}, or store {dimensions}-dimensional vectors in a table of "
                 "that dimension")
         self._stage = f"legal_batch_sink_stage_{dimensions}"
+        self._has_hash = bool(conn.execute(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'text_sha256'"
+            " AND NOT attisdropped", (table,)).fetchone())
 
     def upsert(self, records: Sequence[VectorRecord]) -> list[WriteFailure]:
         good, failures = screen(records, self.dimensions, f"pgvector {self.table}")
@@ -99,12 +103,23 @@ class PgvectorSink:
             with cur.copy(sql.SQL("COPY {} (case_id, chunk_index, embedding) FROM STDIN WITH (FORMAT BINARY)"
                                   ).format(stage)) as copy:
                 copy.write(binary_copy_data(case_ids, indexes, vectors))
-            cur.execute(sql.SQL(
-                "INSERT INTO {} (case_id, chunk_index, model, embedding)"
-                " SELECT case_id, chunk_index, %s, embedding FROM {}"
-                " ON CONFLICT (case_id, chunk_index, model) DO UPDATE"
-                " SET embedding = excluded.embedding, created_at = now()").format(self._table, stage),
-                (self.model,))
+            if self._has_hash:  # the text hash is stored with each vector where the table has the column
+                cur.execute(sql.SQL(
+                    "INSERT INTO {} (case_id, chunk_index, model, embedding, text_sha256)"
+                    " SELECT s.case_id, s.chunk_index, %s, s.embedding, h.sha FROM {} s"
+                    " LEFT JOIN unnest(%s::uuid[], %s::int[], %s::text[]) AS h (case_id, chunk_index, sha)"
+                    "   USING (case_id, chunk_index)"
+                    " ON CONFLICT (case_id, chunk_index, model) DO UPDATE"
+                    " SET embedding = excluded.embedding, text_sha256 = excluded.text_sha256, created_at = now()"
+                ).format(self._table, stage),
+                    (self.model, case_ids, indexes, [record.metadata.get("text_sha256") for record in block]))
+            else:
+                cur.execute(sql.SQL(
+                    "INSERT INTO {} (case_id, chunk_index, model, embedding)"
+                    " SELECT case_id, chunk_index, %s, embedding FROM {}"
+                    " ON CONFLICT (case_id, chunk_index, model) DO UPDATE"
+                    " SET embedding = excluded.embedding, created_at = now()").format(self._table, stage),
+                    (self.model,))
             cur.execute(sql.SQL("TRUNCATE {}").format(stage))
 
     def delete(self, ids: Iterable[str]) -> int:

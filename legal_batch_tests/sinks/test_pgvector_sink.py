@@ -116,3 +116,15 @@ def test_registry_names_sinks_and_their_capabilities(lb_env, conn):
     assert registry.is_transactional("pgvector") is True
     sink = registry.open_sink("pgvector", model=MODEL, dimensions=1024, settings=lb_env, conn=conn)
     assert (sink.name, sink.where, sink.count()) == ("pgvector", "case_embeddings", 0)
+
+
+def test_the_text_hash_is_stored_where_the_table_has_the_column(conn):
+    conn.execute("DROP INDEX IF EXISTS case_embeddings_hnsw")
+    conn.execute("ALTER TABLE case_embeddings ADD COLUMN IF NOT EXISTS text_sha256 text")
+    sink = PgvectorSink(conn, model=MODEL, dimensions=1024)
+    case_id = seed_case(conn, 3)
+    written = records(case_id, unit_vectors(3, 1024))
+    assert sink.upsert(written) == []
+    stored = dict(conn.execute("SELECT chunk_index, text_sha256 FROM case_embeddings WHERE model = %s",
+                               (MODEL,)).fetchall())
+    assert stored == {r.chunk_index: r.metadata["text_sha256"] for r in written}

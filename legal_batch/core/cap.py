@@ -24,23 +24,16 @@ from collections.abc import Mapping
 from html.parser import HTMLParser
 from xml.etree import ElementTree
 
+from legal_batch.core.markup import DROPPED_ELEMENTS as _DROPPED
+from legal_batch.core.markup import INLINE_ELEMENTS as _INLINE
+from legal_batch.core.markup import VOID_ELEMENTS as _VOID
+
 __all__ = ["FIELDS", "case_fields", "casebody_text", "markup_to_text"]
 
 FIELDS = ("id", "name", "name_abbreviation", "decision_date", "citations", "court", "casebody")
 """The fields of a CAP record that `case_fields` reads."""
 
-# Elements that flow inside a paragraph; every other element starts and ends one (CAP's XML has its
-# own block elements — parties, docketnumber, court, decisiondate, author, footnote... — so the
-# inline set is the short list).
-_INLINE = frozenset({
-    "a", "abbr", "b", "bdi", "bdo", "big", "cite", "code", "data", "del", "dfn", "em", "extracted-citation",
-    "font", "i", "ins", "kbd", "mark", "q", "s", "samp", "small", "span", "strike", "strong", "sub", "sup",
-    "time", "tt", "u", "var", "wbr", "bracketnum", "key", "footnotemark",
-})
-_DROPPED = frozenset({"script", "style", "head", "template", "page-number", "noscript"})
 _BREAK = "\x00"  # a <br> while a paragraph is collected (a newline in the markup is only a space)
-_VOID = frozenset({"br", "hr", "img", "meta", "link", "input", "col", "area", "base", "embed", "source",
-                   "track", "param", "wbr"})
 
 
 class _TextBuilder(HTMLParser):

@@ -7,14 +7,22 @@ between words (between characters in CJK text). Each chunk after the first start
 `overlap_tokens` of the previous chunk's tail, from the first sentence start in it (else the first
 word start): a chunk never starts or ends inside a word. A chunk holds one section of the judgment
 (`chunk_type`: header, facts, issues, reasoning, order, footnotes, or body when nothing says which).
+
+Bad input has an outcome, never an error: HTML or XML left in the text is read as what it marks up
+(`core.markup`: tags and comments removed, `<p>` a paragraph break, `&amp;` an ampersand) — the
+chunk's text is then its part of the judgment without the markup, and `char_start`/`char_end` still
+locate it in the original; empty paragraphs and paragraphs without a letter or digit (`* * *`,
+`—`) start no chunk; a text with no letter or digit at all has no chunks; a judgment of a few words
+is one chunk; a paragraph or sentence of any length is cut at word ends in time linear in its length.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from legal_batch.core.markup import plain_text
 from legal_batch.core.segmentation import (
     SectionType,
     sections,
@@ -53,9 +61,11 @@ class _Unit:
 
 
 def _units(text: str, max_tokens: int) -> Iterator[_Unit]:
-    """Paragraphs, with any paragraph over `max_tokens` cut between sentences (or words)."""
+    """Paragraphs with a letter or digit, any over `max_tokens` cut between sentences (or words)."""
     enc = encoding("cl100k_base")
     for start, end, section in sections(text):
+        if not _has_word(text, start, end):
+            continue
         tokens = len(enc.encode_ordinary(text[start:end]))
         if tokens <= max_tokens:
             yield _Unit(start, end, tokens, section)
@@ -86,29 +96,34 @@ def _sentence_groups(text: str, start: int, end: int, max_tokens: int) -> Iterat
         yield group_start, group_end, len(enc.encode_ordinary(text[group_start:group_end]))
 
 
+def _has_word(text: str, start: int, end: int) -> bool:
+    return any(c.isalnum() for c in text[start:end])
+
+
 def _word_pieces(text: str, start: int, end: int, max_tokens: int) -> Iterator[tuple[int, int, int]]:
     """`text[start:end]` cut into pieces of at most `max_tokens` tokens, each ending at a word end
-    (any character boundary in CJK text; a token boundary inside a single giant "word")."""
+    (any character boundary in CJK text; a token boundary inside a single giant "word").
+
+    Each piece is found in a window of the text ahead (widened while it holds fewer than
+    `max_tokens` tokens), so a sentence of any length costs time linear in its length."""
     enc = encoding("cl100k_base")
     pos = start
+    window = max_tokens * 8
     while pos < end:
-        tokens = enc.encode_ordinary(text[pos:end])
+        stop = min(end, pos + window)
+        tokens = enc.encode_ordinary(text[pos:stop])
         if len(tokens) <= max_tokens:
-            yield pos, end, len(tokens)
-            return
-        offsets = _token_char_offsets(text[pos:end], tokens)
-        cut = word_end(text, pos + max(offsets[max_tokens], 1), pos)
+            if stop == end:
+                yield pos, end, len(tokens)
+                return
+            window *= 2
+            continue
+        head = enc.decode_bytes(tokens[:max_tokens]).decode("utf-8", errors="ignore")
+        cut = word_end(text, pos + max(len(head), 1), pos)
         yield pos, cut, len(enc.encode_ordinary(text[pos:cut]))
         pos = cut
         while pos < end and text[pos].isspace():
             pos += 1
-
-
-def _token_char_offsets(paragraph: str, tokens: list[int]) -> list[int]:
-    """Character offset where each token starts (a token inside a multi-byte char maps to that char)."""
-    enc = encoding("cl100k_base")
-    _, offsets = enc.decode_with_offsets(tokens)
-    return [min(o, len(paragraph)) for o in offsets]
 
 
 def _tail_start(text: str, start: int, end: int, overlap_tokens: int) -> int:
@@ -130,9 +145,19 @@ def _tail_start(text: str, start: int, end: int, overlap_tokens: int) -> int:
 
 
 def chunk_text(text: str, *, max_tokens: int = 512, overlap_tokens: int = 64) -> list[Chunk]:
-    """Cut `text` into chunks of at most about `max_tokens` tokens, paragraph-aware, with overlap."""
+    """Cut `text` into chunks of at most about `max_tokens` tokens, paragraph-aware, with overlap
+    (none when it has no letter or digit; markup read as the module docstring says)."""
     if max_tokens <= overlap_tokens:
         raise ValueError(f"max_tokens ({max_tokens}) must exceed overlap_tokens ({overlap_tokens})")
+    plain = plain_text(text)
+    chunks = _chunks(plain.text, max_tokens=max_tokens, overlap_tokens=overlap_tokens)
+    if not plain.changed:
+        return chunks
+    return [replace(chunk, char_start=plain.original_start(chunk.char_start),
+                    char_end=plain.original_end(chunk.char_end)) for chunk in chunks]
+
+
+def _chunks(text: str, *, max_tokens: int, overlap_tokens: int) -> list[Chunk]:
     enc = encoding("cl100k_base")
     chunks: list[Chunk] = []
     group: list[_Unit] = []

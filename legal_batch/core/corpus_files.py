@@ -6,6 +6,10 @@ Every reader streams, with memory flat in the file size: JSON Lines and CSV line
 record batches, a JSON document value by value. A record that cannot be read is yielded as its line
 and the reason, and reading goes on; a file that cannot be read on (truncated, corrupt) raises one of
 `UNREADABLE` — what came before it has been yielded.
+
+Text must be UTF-8 (a BOM is allowed): a line in another encoding is reported as `invalid UTF-8`
+with the encoding it looks like (`encoding_hint`) and how to convert the file, and a UTF-16 or
+UTF-32 file raises `NotUTF8` before anything of it is read.
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ from legal_batch.core.errors import UserError
 __all__ = [
     "FORMATS",
     "UNREADABLE",
+    "NotUTF8",
     "ImportFormat",
     "ReadPosition",
     "RecordLine",
     "SkipReason",
     "SourceFile",
     "Sources",
+    "encoding_hint",
     "find_sources",
     "read_records",
 ]
@@ -211,6 +217,84 @@ class ReadPosition:
 RecordLine = tuple[int, Mapping[str, object] | None, tuple[SkipReason, str] | None]
 
 
+class NotUTF8(ValueError):
+    """A file (or the rest of one) in an encoding other than UTF-8; the message says which it looks
+    like and how to convert it. `line`: where reading stopped."""
+
+    def __init__(self, message: str, *, line: int = 1) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+_DOUBLE_BYTE = (("gb18030", "GB18030 (GBK, simplified Chinese)"), ("big5", "Big5 (traditional Chinese)"),
+                ("shift_jis", "Shift_JIS (Japanese)"), ("euc_kr", "EUC-KR (Korean)"))
+_COMMON_CJK = frozenset("的一是不了人在有中上年月日法院被告罪刑民判本审審理原为為以其事案"
+                        "의이다는에을를하고한지가로서으사기인원법피")
+"""Characters frequent in Chinese (simplified and traditional) and Korean judgments: the decoding
+that yields most of them, or of kana, is the likely encoding."""
+_ICONV = {"gb18030": "GB18030", "big5": "BIG5", "shift_jis": "SHIFT_JIS", "euc_kr": "EUC-KR", "cp1252": "WINDOWS-1252",
+          "latin_1": "ISO-8859-1"}
+
+
+def _wide_unicode(head: bytes) -> str | None:
+    """"UTF-16" or "UTF-32" when the first bytes of a file are text in one of them (a byte-order
+    mark, or every other byte NUL as in UTF-16 ASCII), else None."""
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    sample = head[:512]
+    if len(sample) >= 8 and (sample[1::2].count(0) > 0.4 * len(sample) / 2 or sample[0::2].count(0) > 0.4 * len(sample) / 2):
+        return "UTF-16"
+    return None
+
+
+def encoding_hint(data: bytes) -> str:
+    """Why `data` is not UTF-8 and what to do: where the first bad byte is, the encoding the bytes
+    look like (UTF-16/32, a Chinese, Japanese or Korean double-byte encoding, else Windows-1252), and
+    the conversion. Empty when `data` is valid UTF-8."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = exc.start
+    else:
+        return ""
+    where = f"byte 0x{data[bad]:02X} at byte {bad + 1}"
+    wide = _wide_unicode(data)
+    if wide:
+        return f"not UTF-8 but {wide} ({where}): convert the file, e.g. iconv -f {wide} -t UTF-8"
+    high = [i for i, byte in enumerate(data) if byte >= 0x80]
+    paired = sum(1 for i in high if i + 1 < len(data) and data[i + 1] >= 0x40 and data[i] >= 0x81)
+    codec, name = ("cp1252", "Windows-1252 (Latin-1)")
+    if high and paired >= 0.6 * len(high):
+        scored = []
+        for candidate, candidate_name in _DOUBLE_BYTE:
+            try:
+                decoded = data.decode(candidate)
+            except UnicodeDecodeError:
+                continue
+            scored.append((sum(c in _COMMON_CJK or "\u3040" <= c <= "\u30ff" for c in decoded), -len(scored),
+                           candidate, candidate_name))
+        if scored:
+            _, _, codec, name = max(scored)
+    if codec == "cp1252":
+        try:
+            data.decode("cp1252")
+        except UnicodeDecodeError:
+            codec, name = "latin_1", "ISO-8859-1 (Latin-1)"
+    return f"not UTF-8 ({where}); it looks like {name}: convert the file to UTF-8, e.g. iconv -f {_ICONV[codec]} -t UTF-8"
+
+
+def _check_wide_unicode(stream: BinaryIO) -> None:
+    """Raise `NotUTF8` when the file is UTF-16 or UTF-32 text."""
+    peek = getattr(stream, "peek", None)
+    head = peek(4096)[:4096] if peek is not None else b""
+    wide = _wide_unicode(head)
+    if wide:
+        raise NotUTF8(f"the file is {wide}, not UTF-8: convert it, e.g. iconv -f {wide} -t UTF-8; nothing of it "
+                      "was loaded")
+
+
 def _json_line_records(stream: BinaryIO) -> Iterator[RecordLine]:
     """JSON Lines: one object a line; blank lines are passed over; a BOM on line 1 is dropped."""
     for number, line in enumerate(stream, start=1):
@@ -221,7 +305,8 @@ def _json_line_records(stream: BinaryIO) -> Iterator[RecordLine]:
         try:
             value = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            yield number, None, ("not JSON", str(exc))
+            hint = encoding_hint(line)
+            yield number, None, (("invalid UTF-8", f"the line is {hint}") if hint else ("not JSON", str(exc)))
             continue
         if isinstance(value, dict):
             yield number, value, None
@@ -275,6 +360,15 @@ def _json_document_records(stream: BinaryIO) -> Iterator[RecordLine]:
     array of objects. Values are decoded one at a time; a syntax error ends the file (there is no
     next line to resume at), reported at the line where the bad value starts."""
     window = _TextWindow(io.TextIOWrapper(stream, encoding="utf-8-sig"))
+    try:
+        yield from _json_values(window)
+    except UnicodeDecodeError as exc:
+        line = window.line_at(len(window.buffer)) + exc.object[:exc.start].count(b"\n")
+        raise NotUTF8(f"the file is {encoding_hint(exc.object)}; the rest of the file is not read",
+                      line=line) from None
+
+
+def _json_values(window: _TextWindow) -> Iterator[RecordLine]:
     decoder = json.JSONDecoder()
     first = window.next_char()
     in_array = first == "["
@@ -422,7 +516,7 @@ def read_records(source: SourceFile, *, columns: set[str] | None = None, positio
     that cannot be read; for Parquet, line is the row number and only `columns` (default: all) are
     read. `header_out` receives a CSV header or the Parquet column names before the first record;
     `position` follows the bytes read. Raises one of `UNREADABLE` (or pyarrow's errors) when the
-    file cannot be read on."""
+    file cannot be read on, `NotUTF8` when it is not UTF-8 text."""
     position = position or ReadPosition(size=source.size)
     header = header_out if header_out is not None else []
     if source.family == "parquet":
@@ -430,6 +524,7 @@ def read_records(source: SourceFile, *, columns: set[str] | None = None, positio
         return
     with _open_binary(source.path) as stream:
         position.raw = getattr(stream, "fileobj", None) or getattr(stream, "_fp", None) or stream
+        _check_wide_unicode(stream)
         if source.family == "csv":
             yield from _csv_records(stream, delimiter=_csv_delimiter(source.path), header_out=header)
         elif _json_layout(source.path) == "lines":

@@ -40,10 +40,12 @@ from legal_batch.core.corpus_files import (
     FORMATS,
     UNREADABLE,
     ImportFormat,
+    NotUTF8,
     ReadPosition,
     SkipReason,
     SourceFile,
     Sources,
+    encoding_hint,
     find_sources,
     read_records,
 )
@@ -330,7 +332,8 @@ def to_case(record: Mapping[str, object], fields: FieldMap, *, cap_format: bool 
             return Rejection("NUL byte", f"{column} holds a NUL byte at character {value.index(chr(0))} (Postgres "
                                          "text cannot store one): remove it from the source")
         if not _encodable(value):
-            return Rejection("invalid UTF-8", f"{column} is not valid UTF-8")
+            hint = encoding_hint(value.encode("utf-8", errors="surrogateescape"))
+            return Rejection("invalid UTF-8", f"{column} is {hint or 'not valid UTF-8'}")
     decided, why = _as_date(values.get("decision_date"))
     if why and notes is not None:
         notes.append(why)
@@ -546,6 +549,8 @@ def _cases(sources: Sources, fields: FieldMap, report: ImportReport, *,
                 if report.records_read % _PROGRESS_EVERY == 0:
                     on_progress(ImportProgress(source.name, done_bytes + position.bytes_read(), total,
                                                report.records_read))
+        except NotUTF8 as exc:
+            skip(source, exc.line, "invalid UTF-8", str(exc))
         except UNREADABLE as exc:
             skip(source, line + 1 if line else 1, "unreadable file",
                  f"cannot read on ({type(exc).__name__}: {exc}); what came before was loaded")

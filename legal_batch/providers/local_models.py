@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from legal_batch.core.lexical import NoFeatures, embed
+from legal_batch.core.markup import plain_text
 from legal_batch.core.segmentation import (
     has_cjk,
     is_disposition,
@@ -260,13 +261,19 @@ def extractive_headnote(text: str) -> str:
     """A headnote built from the judgment's own words: citation — court — parties, catchwords, held
     and a summary (the first distinct facts). `text` is a headnote request's user message (its
     labelled case details, then the judgment) or a bare judgment, in any of the layouts and languages
-    `core.segmentation` reads. Raises `NoHeadnote` when the judgment gives nothing to say what was
-    held (no order, holding or outcome with its context): nothing is better than an empty "Held:"."""
+    `core.segmentation` reads; HTML or XML left in it is read as the text it marks up (`core.markup`).
+    Raises `NoHeadnote` when the judgment gives nothing to say what was held (no order, holding or
+    outcome with its context; a judgment of a few words): nothing is better than an empty "Held:"."""
     labels, judgment = _request_parts(text)
+    judgment = plain_text(judgment).text
     paragraphs = [p for p in _paragraphs(judgment) if not p.text.lstrip().startswith("[…")]
     main = _main_opinion(paragraphs)
     held = _holding_sentences(main)
     if not held:
+        words = len(judgment.split())
+        if words < 30:
+            raise NoHeadnote(f"the judgment has {words} word{'' if words == 1 else 's'} ({judgment.strip()[:80]!r}): "
+                             "too little to say what was held and why: nothing to write as Held")
         raise NoHeadnote(f"no order, holding or outcome found in the judgment's {len(paragraphs)} paragraphs: "
                          "nothing to write as Held")
     head = " — ".join(part for part in (_citation(labels, judgment, paragraphs), _court_name(labels, paragraphs),

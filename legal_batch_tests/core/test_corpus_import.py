@@ -372,7 +372,8 @@ def test_csv_rows_with_bad_bytes_or_the_wrong_number_of_fields_are_skipped(conn,
                                         b'R4,"A quoted cell\nover two lines.",High Court\n')
     report, skipped = _import(conn, Path("rows.csv"))  # the working directory is tmp_path
     assert report.inserted == 2
-    assert skipped == ["rows.csv:3: invalid UTF-8: full_text is not valid UTF-8",
+    assert skipped == ["rows.csv:3: invalid UTF-8: full_text is not UTF-8 (byte 0xFF at byte 10); it looks like "
+                       "Windows-1252 (Latin-1): convert the file to UTF-8, e.g. iconv -f WINDOWS-1252 -t UTF-8",
                        "rows.csv:4: bad row: 4 fields where the header has 3 (a quote not closed, or a ',' not "
                        "quoted?)"]
     assert _rows(conn)[_uuid5("R4")][4] == "A quoted cell\nover two lines."

@@ -352,6 +352,7 @@ for _entry in FLOWS:
     app.add_typer(_flow_app(_entry.name, overwritable=_entry.overwritable) if _entry.standard_cli
                   else _entry.cli_app(), name=_entry.name)
 app.add_typer(__import__("legal_batch.cases_cli", fromlist=["app"]).app, name="cases")
+app.command("eval")(__import__("legal_batch.eval_cli", fromlist=["evaluate"]).evaluate)
 
 
 # -- ledger and search --------------------------------------------------------------------------------

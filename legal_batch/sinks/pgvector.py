@@ -149,7 +149,8 @@ class PgvectorSink:
 
     def search(self, vector: np.ndarray, *, k: int = 5) -> list[SearchHit]:
         with self.conn.transaction():
-            self.conn.execute("SET LOCAL hnsw.ef_search = 100")
+            # the index returns at most ef_search rows: at least k of them (pgvector allows up to 1,000)
+            self.conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(min(max(100, int(k)), 1_000)))
             rows = self.conn.execute(sql.SQL(
                 "SELECT e.case_id::text, e.chunk_index, 1 - (e.embedding <=> %(q)s), c.chunk_type, c.chunk_text,"
                 "       c.text_sha256, k.neutral_citation, k.case_name, k.court"

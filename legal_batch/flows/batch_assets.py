@@ -410,7 +410,7 @@ def build_flow_definitions(
         description=f"The {names.flow} flow's running totals from the ledger: items done, open, retryable and "
                     "failed, jobs open and ingested, tokens, estimated and actual spend and its real-time "
                     f"equivalent. Observed by {names.prefix}_job_status_sensor whenever they move and by every "
-                    "ingest; Events → Plots shows them over time.")
+                    "ingest; the asset's Metadata → Plots shows them over time.")
 
     return FlowDefinitions(
         sources=list(sources),

@@ -247,6 +247,29 @@ _OVERWRITE_OPTION = typer.Option(
     "--overwrite", help="Also regenerate results that already exist (made before this command started).")
 
 
+_PROMPT_OPTION = typer.Option(
+    "--prompt", metavar="PATH", help="The prompt template (TOML) for the shards this command plans (default: "
+    "LEGAL_BATCH_HEADNOTE_PROMPT, else the built-in one; see legal_batch/flows/headnotes/headnote_prompt.toml).")
+
+
+def _prompt_config(flow: str, prompted: bool, prompt: str | None) -> dict:
+    """`--prompt`: the planning run's config (the template file, checked here so that a file that
+    cannot be used is one line before any run); each shard planned keeps the template's text."""
+    if not prompted:
+        if prompt is not None:
+            raise typer.BadParameter(f"the {flow} flow has no prompt template", param_hint="--prompt")
+        return {}
+    from pathlib import Path
+
+    from legal_batch.flows.headnotes.prompt_template import load_prompt
+
+    if prompt is None:
+        load_prompt(get_settings().headnote_prompt)
+        return {}
+    load_prompt(prompt, setting="--prompt")
+    return {"prompt": str(Path(prompt).expanduser().resolve())}
+
+
 def _plan_config(flow: str, overwritable: bool, overwrite: bool) -> dict:
     """`--overwrite`: the planning run's config (overwrite, and its cut-off: now). The shards it plans
     keep both on their job rows, so a later `submit`, `ingest` or the daemon's runs use them too."""
@@ -268,21 +291,26 @@ def _without(parameter: str, command: Callable) -> Callable:
     return command
 
 
-def _flow_app(flow: str, *, overwritable: bool = False) -> typer.Typer:
-    """The flow's verbs; only flows with results to regenerate (`overwritable`) offer --overwrite."""
+def _flow_app(flow: str, *, overwritable: bool = False, prompted: bool = False) -> typer.Typer:
+    """The flow's verbs; only flows with results to regenerate (`overwritable`) offer --overwrite,
+    only flows with a prompt template (`prompted`) offer --prompt."""
     sub = typer.Typer(help=f"The {flow} flow: export, submit, status, ingest, run.", no_args_is_help=True)
     overwrite_option: Callable[[Callable], Callable] = (
         (lambda command: command) if overwritable else (lambda command: _without("overwrite", command)))
+    prompt_option: Callable[[Callable], Callable] = (
+        (lambda command: command) if prompted else (lambda command: _without("prompt", command)))
 
     @sub.command("export")
     @overwrite_option
+    @prompt_option
     def export(limit: Annotated[int | None, typer.Option(help="At most N source records.")] = None,
-               overwrite: Annotated[bool, _OVERWRITE_OPTION] = False) -> None:
+               overwrite: Annotated[bool, _OVERWRITE_OPTION] = False,
+               prompt: Annotated[str | None, _PROMPT_OPTION] = None) -> None:
         """Prepare candidates and cut them into shards (request files are written on submit)."""
         from legal_batch.driver import FlowDriver, FlowRun
 
         _at_least("--limit", limit, 1)
-        plan_config = _plan_config(flow, overwritable, overwrite)
+        plan_config = {**_plan_config(flow, overwritable, overwrite), **_prompt_config(flow, prompted, prompt)}
         _check_flow(flow)
         flow_defs, defs = _flow_defs(flow)
         runner = FlowDriver(flow_defs, defs, flow=flow, echo=console.print, plan_config=plan_config)
@@ -327,16 +355,18 @@ def _flow_app(flow: str, *, overwritable: bool = False) -> typer.Typer:
 
     @sub.command("run")
     @overwrite_option
+    @prompt_option
     def run(limit: Annotated[int | None, typer.Option(help="At most N source records.")] = None,
             wait: Annotated[bool, typer.Option(help="Poll until every job is ingested.")] = False,
             poll_interval: Annotated[float | None, typer.Option(
                 help="Seconds between polls (default: LEGAL_BATCH_POLL_INTERVAL, 60).")] = None,
             timeout: Annotated[float | None, typer.Option(help="Give up waiting after S seconds.")] = None,
-            overwrite: Annotated[bool, _OVERWRITE_OPTION] = False) -> None:
+            overwrite: Annotated[bool, _OVERWRITE_OPTION] = False,
+            prompt: Annotated[str | None, _PROMPT_OPTION] = None) -> None:
         """Export and submit; with --wait, poll and ingest until done (retrying retryable items)."""
         _at_least("--limit", limit, 1)
         _at_least("--poll-interval", poll_interval, 0)
-        plan_config = _plan_config(flow, overwritable, overwrite)
+        plan_config = {**_plan_config(flow, overwritable, overwrite), **_prompt_config(flow, prompted, prompt)}
         interval = get_settings().poll_interval if poll_interval is None else poll_interval
         result = _flow_run(flow, limit=limit, wait=wait, poll_interval=interval, timeout=timeout,
                            plan_config=plan_config)
@@ -349,7 +379,8 @@ def _flow_app(flow: str, *, overwritable: bool = False) -> typer.Typer:
 
 
 for _entry in FLOWS:
-    app.add_typer(_flow_app(_entry.name, overwritable=_entry.overwritable) if _entry.standard_cli
+    app.add_typer(_flow_app(_entry.name, overwritable=_entry.overwritable, prompted=_entry.prompted)
+                  if _entry.standard_cli
                   else _entry.cli_app(), name=_entry.name)
 app.add_typer(__import__("legal_batch.cases_cli", fromlist=["app"]).app, name="cases")
 app.command("eval")(__import__("legal_batch.eval_cli", fromlist=["evaluate"]).evaluate)

@@ -199,6 +199,9 @@ class FlowDriver:
             if "summary" in meta:
                 run.messages.append(str(meta["summary"].value))
                 self.echo(f"  {meta['summary'].value}")
+            if "notice" in meta:  # something the planning run wants the user to know (e.g. built-in examples)
+                run.messages.append(str(meta["notice"].value))
+                self.echo(f"  note: {meta['notice'].value}")
 
     def _providers(self) -> Callable[[str], BatchProvider]:
         return self.defs.resources["providers"].named  # type: ignore[attr-defined]

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     headnote_max_chars: int = Field(default=150_000, description="Judgment text is cut at a paragraph boundary here.")
     headnote_max_tokens: int = 600
     headnote_temperature: float = 0.1
+    headnote_prompt: Path | None = Field(
+        default=None, description="The headnote prompt template (TOML: instructions, output language and style, "
+        "citation wording; see legal_batch/flows/headnotes/headnote_prompt.toml); unset → the built-in one. "
+        "`legal-batch headnotes run --prompt PATH` wins for its run; the text is kept with each shard planned.")
     headnote_min_citation_rate: float = Field(default=0.5, ge=0, le=1, description="Check: citation mention floor.")
     headnote_overwrite: bool = Field(default=False, description="Also regenerate existing headnotes.")
     headnote_overwrite_before: datetime | None = Field(

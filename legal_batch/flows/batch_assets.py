@@ -38,13 +38,16 @@ class CandidatesConfig(dg.Config):
     `overwrite_before` (ISO 8601; unset = when the planning process started). Both are stored with
     each shard planned (`batch_jobs.params`), so its submit and ingest use them too.
     `provider`: plan with this provider instead of the flow's `LEGAL_BATCH_<FLOW>_PROVIDER` (each
-    shard's job row names its provider)."""
+    shard's job row names its provider).
+    `prompt` (flows with a prompt template: headnotes): the template file for this run instead of the
+    flow's setting; its text is stored with each shard planned."""
 
     limit: int | None = None
     max_shards: int = 100
     overwrite: bool = False
     overwrite_before: str | None = None
     provider: str | None = None
+    prompt: str | None = None
 
 
 class MakeFlow(Protocol):
@@ -97,6 +100,7 @@ def build_flow_definitions(
     candidates_name: str | None = None,
     done_without_result_sql: str | None = None,
     overwritable: bool = False,
+    prompted: bool = False,
     sources: Sequence[dg.AssetSpec] = (),
     configured_provider: str | None = None,
     results_kinds: Sequence[str] = ("postgres",),
@@ -108,6 +112,7 @@ def build_flow_definitions(
 
     `candidates_name` names the first asset when `<prefix>_candidates` does not fit (e.g. `template_inputs`).
     `overwritable`: the flow accepts `CandidatesConfig.overwrite` (it has results to regenerate).
+    `prompted`: the flow accepts `CandidatesConfig.prompt` (it has a prompt template).
     `done_without_result_sql` (the flow's `DONE_WITHOUT_RESULT_SQL`) lets the `ledger_consistent` check
     also find done items whose result row is missing.
 
@@ -139,6 +144,9 @@ def build_flow_definitions(
         if config.overwrite and not overwritable:
             raise dg.Failure(description=f"the {names.flow} flow has nothing to overwrite: run it without "
                                          "`overwrite` in the config", allow_retries=False)
+        if config.prompt and not prompted:
+            raise dg.Failure(description=f"the {names.flow} flow has no prompt template: run it without "
+                                         "`prompt` in the config", allow_retries=False)
         provider = providers.named(config.provider) if config.provider else providers.for_flow(names.flow)
         flow = make_flow(provider, config)
         with _clear_failures(), database.connect() as conn:

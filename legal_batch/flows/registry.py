@@ -29,6 +29,8 @@ class FlowEntry:
     `cli.py` provides `app`."""
     overwritable: bool = False
     """Has results a run may regenerate (`--overwrite`)."""
+    prompted: bool = False
+    """Has a prompt template a run may replace (`--prompt`)."""
 
     def definitions(self) -> FlowDefinitions:
         return import_module(f"{self.package}.assets").DEFS
@@ -45,7 +47,7 @@ class FlowEntry:
 
 FLOWS: list[FlowEntry] = [
     FlowEntry("embeddings", "legal_batch.flows.embeddings", "embeddings_provider"),
-    FlowEntry("headnotes", "legal_batch.flows.headnotes", "headnotes_provider", overwritable=True),
+    FlowEntry("headnotes", "legal_batch.flows.headnotes", "headnotes_provider", overwritable=True, prompted=True),
     FlowEntry("template", "legal_batch.flows.template", "template_provider", standard_cli=False),
 ]
 

@@ -4,9 +4,10 @@
 → `court_case_headnotes`, one dynamic partition per shard (see `flows.batch_assets`).
 
 Configuration (`LEGAL_BATCH_*`): `HEADNOTES_PROVIDER`, `HEADNOTE_MODEL`, `HEADNOTE_FEW_SHOT`,
-`HEADNOTE_MAX_CHARS`, `HEADNOTE_MAX_TOKENS`, `HEADNOTE_TEMPERATURE`, and `HEADNOTE_OVERWRITE` (with
-`HEADNOTE_OVERWRITE_BEFORE`) to regenerate existing headnotes — or, for one run, `overwrite` (and
-`overwrite_before`) in `headnote_candidates`' config, as `legal-batch headnotes run --overwrite` does.
+`HEADNOTE_MAX_CHARS`, `HEADNOTE_MAX_TOKENS`, `HEADNOTE_TEMPERATURE`, `HEADNOTE_PROMPT` (the prompt
+template; for one run `prompt` in `headnote_candidates`' config, as `legal-batch headnotes run --prompt`
+does), and `HEADNOTE_OVERWRITE` (with `HEADNOTE_OVERWRITE_BEFORE`) to regenerate existing headnotes —
+or, for one run, `overwrite` (and `overwrite_before`) in the config, as `--overwrite` does.
 What a shard was planned with is kept on its job row (`batch_jobs.params`) and used for its request
 file, submit and ingest, whichever process runs them.
 """
@@ -22,10 +23,17 @@ from legal_batch.core import ledger
 from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
 from legal_batch.flows.catalog import COURT_CASES, COURT_CASES_SCHEMA, OWNERS, SOURCES_GROUP
 from legal_batch.flows.headnotes.checks import HEADNOTE_CHECK_SPECS, headnote_checks
-from legal_batch.flows.headnotes.flow import DONE_WITHOUT_RESULT_SQL, HeadnotesFlow
+from legal_batch.flows.headnotes.flow import (
+    BUILT_IN_EXAMPLES,
+    DONE_WITHOUT_RESULT_SQL,
+    HeadnotesFlow,
+    few_shot_examples,
+)
+from legal_batch.flows.headnotes.prompt_template import PromptTemplate, load_prompt
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import get_settings
 from legal_batch.resources.providers import make_provider, provider_name_for
+from legal_batch.settings import Settings
 
 NAMES = FlowNames(flow="headnotes", prefix="headnote", results="court_case_headnotes")
 
@@ -48,6 +56,14 @@ HEADNOTE_COLUMNS = dg.TableSchema(
 PROCESS_STARTED = datetime.now(UTC)
 """Default overwrite cut-off: with `LEGAL_BATCH_HEADNOTE_OVERWRITE` and no `..._OVERWRITE_BEFORE`,
 headnotes generated before this process started are regenerated, never the ones it writes."""
+
+
+def run_prompt(config: CandidatesConfig | None, settings: Settings) -> PromptTemplate:
+    """The prompt template a run plans with: its config's `prompt` (`--prompt`), else
+    `LEGAL_BATCH_HEADNOTE_PROMPT`, else the built-in one. A file that cannot be used is a `UserError`."""
+    if config is not None and config.prompt:
+        return load_prompt(config.prompt, setting="prompt (the run's config, --prompt)")
+    return load_prompt(settings.headnote_prompt)
 
 
 def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
@@ -73,6 +89,7 @@ def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
         # prompts are bounded by HEADNOTE_MAX_CHARS (150,000 characters ≈ 40K tokens), within every
         # supported chat model's context.
         max_input_tokens=None,
+        prompt=run_prompt(config, settings),
     )
 
 
@@ -82,6 +99,12 @@ def estimate_candidates(context: dg.AssetExecutionContext, conn: psycopg.Connect
     settings = get_settings()
     flow = make_flow(make_provider(provider_name_for("headnotes", settings), settings), config)
     estimate = flow.estimate(conn)
+    examples = few_shot_examples(conn, count=flow.few_shot)
+    built_in = bool(examples) and all(text in BUILT_IN_EXAMPLES for text in examples)
+    notice = (f"headnote_corpus is empty: the prompt's few-shot examples are the {len(examples)} built-in ones "
+              "(the form, not a house style); add headnotes to headnote_corpus to set yours") if built_in else None
+    if notice:
+        context.log.warning(notice)
     totals = ledger.summary(conn, NAMES.flow)
     without_text = conn.execute(
         "SELECT count(*) FROM court_cases WHERE headnote IS NULL AND (full_text IS NULL OR btrim(full_text) = '')"
@@ -94,6 +117,9 @@ def estimate_candidates(context: dg.AssetExecutionContext, conn: psycopg.Connect
     return {
         "model": flow.model,
         "overwrite": flow.overwrite,
+        "prompt_template": flow.prompt.source,
+        "few_shot_examples": "built-in" if built_in else "headnote_corpus" if examples else "none",
+        **({"notice": notice} if notice else {}),
         "cases_without_text": without_text,
         "run_est_requests": estimate.requests,
         "run_est_input_tokens": estimate.est_input_tokens,
@@ -126,6 +152,7 @@ DEFS = build_flow_definitions(
     result_checks=check_headnotes,
     done_without_result_sql=DONE_WITHOUT_RESULT_SQL,
     overwritable=True,
+    prompted=True,
     sources=[COURT_CASES, HEADNOTE_CORPUS],
     configured_provider=get_settings().headnotes_provider,
     results_table="court_cases",

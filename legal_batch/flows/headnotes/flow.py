@@ -30,6 +30,7 @@ import psycopg
 from legal_batch.core.cost import batch_discount, price
 from legal_batch.core.flow import Item, Permanent
 from legal_batch.core.tokens import EncodingName, count_tokens, encoding, encoding_for_model
+from legal_batch.flows.headnotes.prompt_template import PromptTemplate, default_prompt
 from legal_batch.providers.base import ChatRequest, Endpoint, Request, Result
 
 FLOW = "headnotes"
@@ -41,21 +42,9 @@ _ENVELOPE_BYTES = 400
 """JSON envelope of a request line (custom_id, url, model, parameters) beyond the message texts."""
 _STAGE_BATCH = 2_000
 
-SYSTEM_INSTRUCTIONS = """\
-You are a senior law reporter preparing headnotes for a series of law reports. Write the headnote of \
-the judgment the user gives you, in this form and order:
-
-1. First line: the case's citation (its neutral citation, law report citation or case number, as the \
-judgment gives it) — the court — the parties (the case name), separated by " — ".
-2. "Catchwords:" the area of law and the points decided, as short phrases separated by " – ".
-3. "Held:" what the court decided and why, in one to three sentences, ending with the order made.
-4. "Summary:" a short summary (two to four sentences) of the material facts and the reasoning.
-
-Use only what the judgment says: do not invent facts, parties, authorities or citations. Write plain \
-text (no Markdown), in the language of the judgment, with the spelling and legal terms of its \
-jurisdiction, keeping the labels "Catchwords:", "Held:" and "Summary:" as they are, in at most 350 \
-words. If the judgment is marked as truncated, write the headnote from the part you have and do not \
-speculate about the rest."""
+SYSTEM_INSTRUCTIONS = default_prompt().system
+"""The law reporter's instructions of the built-in prompt template (`headnote_prompt.toml`; a run may
+use another: `prompt_template`)."""
 
 BUILT_IN_EXAMPLES = (
     "[2021] HKCA 512 — Court of Appeal — HKSAR v Lam Ka Fai\n"
@@ -99,16 +88,17 @@ class CaseText:
     full_text: str
 
 
-def system_prompt(examples: Sequence[str]) -> str:
+def system_prompt(examples: Sequence[str], template: PromptTemplate | None = None) -> str:
     """The instructions, followed by the few-shot examples when there are any: the house style from
-    `headnote_corpus`, or (`BUILT_IN_EXAMPLES`) the form only."""
+    `headnote_corpus`, or (`BUILT_IN_EXAMPLES`) the form only; texts from `template` (the built-in one
+    by default)."""
+    template = template or default_prompt()
     if not examples:
-        return SYSTEM_INSTRUCTIONS
-    shown = "\n\n".join(f"Example {n}:\n{text.strip()}" for n, text in enumerate(examples, start=1))
+        return template.system
+    shown = "\n\n".join(f"{template.example_heading(n)}\n{text.strip()}" for n, text in enumerate(examples, start=1))
     if all(text in BUILT_IN_EXAMPLES for text in examples):
-        return (f"{SYSTEM_INSTRUCTIONS}\n\nExamples of the form, from judgments of other courts and languages (write "
-                f"in the language of the judgment you are given):\n\n{shown}")
-    return f"{SYSTEM_INSTRUCTIONS}\n\nExamples of headnotes in the house style:\n\n{shown}"
+        return f"{template.system}\n\n{template.examples_of_the_form}\n\n{shown}"
+    return f"{template.system}\n\n{template.examples_in_house_style}\n\n{shown}"
 
 
 _NEUTRAL_CITATION = re.compile(r"^\[\d{4}\]\s+[A-Z]")
@@ -128,19 +118,22 @@ def judgment_language(text: str) -> str | None:
     return None
 
 
-def case_header(case: CaseText) -> str:
-    """The user message up to the judgment text: the case's own metadata, where known."""
-    lines = ["Write the headnote of this judgment."]
-    if (language := judgment_language(case.full_text)) is not None:
-        lines.append(f"The judgment is in {language}: write the headnote in {language}.")
-    citation_label = ("Neutral citation" if case.neutral_citation and _NEUTRAL_CITATION.match(case.neutral_citation)
-                      else "Citation")
-    facts = [(citation_label, case.neutral_citation), ("Court", case.court), ("Case name", case.case_name),
-             ("Date of judgment", case.decision_date.isoformat() if case.decision_date else None)]
+def case_header(case: CaseText, template: PromptTemplate | None = None) -> str:
+    """The user message up to the judgment text: the case's own metadata, where known, with the
+    wording of `template` (the built-in one by default)."""
+    template = template or default_prompt()
+    lines = [template.request]
+    if (language := judgment_language(case.full_text)) is not None and (line := template.language_line(language)):
+        lines.append(line)
+    citation_label = (template.label_neutral_citation if case.neutral_citation
+                      and _NEUTRAL_CITATION.match(case.neutral_citation) else template.label_citation)
+    facts = [(citation_label, case.neutral_citation), (template.label_court, case.court),
+             (template.label_case_name, case.case_name),
+             (template.label_decision_date, case.decision_date.isoformat() if case.decision_date else None)]
     details = [f"{label}: {value}" for label, value in facts if value]
     if details:
         lines += ["", *details]
-    lines += ["", "Judgment:", "", ""]
+    lines += ["", template.label_judgment, "", ""]
     return "\n".join(lines)
 
 
@@ -183,10 +176,12 @@ def _paragraph_cut(text: str, limit: int) -> int:
 
 
 def build_request(case: CaseText, *, system: str, max_chars: int, max_tokens: int, temperature: float,
-                  max_input_tokens: int | None = None, encoding_name: EncodingName = "cl100k_base") -> ChatRequest:
-    """One chat request: `system` (instructions + examples), the case header and its judgment,
-    truncated to `max_chars` and to what fits in `max_input_tokens` (a chat model's input limit)."""
-    header = case_header(case)
+                  max_input_tokens: int | None = None, encoding_name: EncodingName = "cl100k_base",
+                  template: PromptTemplate | None = None) -> ChatRequest:
+    """One chat request: `system` (instructions + examples), the case header (in `template`'s
+    wording) and its judgment, truncated to `max_chars` and to what fits in `max_input_tokens` (a chat
+    model's input limit)."""
+    header = case_header(case, template)
     room = None
     if max_input_tokens is not None:
         room = (max_input_tokens - _CHAT_FORMAT_TOKENS - _cached_tokens(system, encoding_name)
@@ -232,7 +227,8 @@ class HeadnotesFlow:
     name = FLOW
     endpoint: Endpoint = "chat"
 
-    def __init__(self, *, model: str, few_shot: int = 3, max_chars: int = 150_000, max_tokens: int = 600,
+    def __init__(self, *, model: str, prompt: PromptTemplate | None = None, few_shot: int = 3,
+                 max_chars: int = 150_000, max_tokens: int = 600,
                  temperature: float = 0.1, limit_cases: int | None = None, overwrite: bool = False,
                  overwrite_before: datetime | None = None, max_input_tokens: int | None = None) -> None:
         """`overwrite`: also regenerate cases that already have a headnote — those generated before
@@ -250,6 +246,7 @@ class HeadnotesFlow:
         self.overwrite = overwrite
         self.overwrite_before = overwrite_before
         self.max_input_tokens = max_input_tokens
+        self.prompt = prompt or default_prompt()  # the run's prompt template, kept with each shard it plans
         self.encoding_name = encoding_for_model(model)
 
     def job_params(self) -> dict:
@@ -259,13 +256,15 @@ class HeadnotesFlow:
             "temperature": self.temperature, "overwrite": self.overwrite,
             "overwrite_before": self.overwrite_before.isoformat() if self.overwrite_before else None,
             "max_input_tokens": self.max_input_tokens,
+            "prompt": self.prompt.as_params(),
         }
 
     @classmethod
     def for_job(cls, *, model: str, params: dict) -> HeadnotesFlow:
         """The flow a shard was planned with (`job_params` as stored on its job row)."""
         before = params.get("overwrite_before")
-        return cls(model=model, few_shot=int(params["few_shot"]), max_chars=int(params["max_chars"]),
+        return cls(model=model, prompt=PromptTemplate.from_params(params.get("prompt")),
+                   few_shot=int(params["few_shot"]), max_chars=int(params["max_chars"]),
                    max_tokens=int(params["max_tokens"]), temperature=float(params["temperature"]),
                    overwrite=bool(params["overwrite"]),
                    overwrite_before=datetime.fromisoformat(before) if before else None,
@@ -275,8 +274,8 @@ class HeadnotesFlow:
     def _fixed_overhead(self) -> tuple[int, int]:
         """(tokens, bytes) of a request without its judgment and examples: instructions, header, marker."""
         header = case_header(CaseText("case-" + "0" * 36, "[2000] HKCFI 0000", "A" * 60, "Court of First Instance",
-                                      date(2000, 1, 1), ""))
-        text = system_prompt(["x"] * max(self.few_shot, 0)) + header + TRUNCATION_MARKER
+                                      date(2000, 1, 1), ""), self.prompt)
+        text = system_prompt(["x"] * max(self.few_shot, 0), self.prompt) + header + TRUNCATION_MARKER
         tokens = _CHAT_FORMAT_TOKENS + count_tokens(text, self.encoding_name)
         return tokens, _ENVELOPE_BYTES + int(len(text.encode()) * 1.1)
 
@@ -329,7 +328,7 @@ class HeadnotesFlow:
         """The shard's requests in item order; its few-shot examples are read once, here."""
         created = conn.execute("SELECT created_at FROM batch_jobs WHERE id = %s", (job_id,)).fetchone()
         examples = few_shot_examples(conn, count=self.few_shot, created_before=created[0] if created else None)
-        system = system_prompt(examples)
+        system = system_prompt(examples, self.prompt)
         with conn.cursor(name=f"headnote_requests_{job_id}") as cur:
             cur.itersize = 100  # judgments reach 200 KB each
             cur.execute(
@@ -341,7 +340,8 @@ class HeadnotesFlow:
             for row in cur:
                 yield build_request(CaseText(*row), system=system, max_chars=self.max_chars,
                                     max_tokens=self.max_tokens, temperature=self.temperature,
-                                    max_input_tokens=self.max_input_tokens, encoding_name=self.encoding_name)
+                                    max_input_tokens=self.max_input_tokens, encoding_name=self.encoding_name,
+                                    template=self.prompt)
 
     def sink(self, conn: psycopg.Connection, *, model: str) -> HeadnoteSink:
         return HeadnoteSink(conn, model=model, max_tokens=self.max_tokens, overwrite=self.overwrite,

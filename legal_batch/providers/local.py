@@ -61,9 +61,10 @@ class LocalProvider:
         max_records_per_job: int = 5_000,
         parse_workers: int | None = None,
     ) -> None:
-        """`parse_workers`: processes that parse a large output file (default: one per CPU)."""
+        """`parse_workers`: processes that parse a large JSON-float output file (default: the CPUs
+        beyond two, see `OpenAIStyleProvider`)."""
         self.root = root
-        self.parse_workers = parse_workers or os.cpu_count() or 1
+        self.parse_workers = parse_workers or max(1, (os.cpu_count() or 1) - 2)
         self.dimensions = dimensions
         self.fail_rate = fail_rate
         self.expire_fraction = expire_fraction

@@ -43,7 +43,7 @@ import psycopg
 from legal_batch.core import batch, ledger
 from legal_batch.core.flow import Item
 from legal_batch.core.quota import QuotaPolicy, queued
-from legal_batch.db import embedded, upgrade
+from legal_batch.db import connect, embedded, upgrade
 from legal_batch.providers.base import (
     EmbeddingRequest,
     JobStatus,
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     url = f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
     try:
         upgrade(url)
-        with psycopg.connect(url, autocommit=True) as conn, tempfile.TemporaryDirectory() as files:
+        with connect(url) as conn, tempfile.TemporaryDirectory() as files:
             figures = simulate(conn, Path(files), args)
     finally:
         with psycopg.connect(admin_url, autocommit=True) as admin:

@@ -60,15 +60,23 @@ def _url() -> str:
 
 
 def _connect():
-    """A connection to an up-to-date schema; a database that cannot be used is a `UserError`."""
+    """A connection to an up-to-date schema whose source and vector tables (as the settings name them)
+    are usable; a database that cannot be used is a `UserError`."""
+    from legal_batch.core.user_tables import check_tables
     from legal_batch.db import DatabaseError, connect, upgrade
 
     url = _url()
     try:
         upgrade(url)
-        return connect(url)
+        conn = connect(url)
     except DatabaseError as exc:
         raise UserError(str(exc)) from None
+    try:
+        check_tables(conn, get_settings())
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _at_least(option: str, value: float | None, minimum: float) -> None:
@@ -397,7 +405,7 @@ _FLOW_OPTION = typer.Option(help="Only this flow.")
 def jobs(flow: Annotated[FlowChoice | None, _FLOW_OPTION] = None) -> None:
     """The ledger: one row per provider job, and items by state."""
     flow = None if flow is None else str(flow)
-    from legal_batch.core import ledger, quota
+    from legal_batch.core import ledger, quota, vector_cache
     from legal_batch.providers.base import QUOTA_KINDS
 
     with _connect() as conn:
@@ -422,6 +430,9 @@ def jobs(flow: Annotated[FlowChoice | None, _FLOW_OPTION] = None) -> None:
             console.print(f"[bold]{name}[/bold]: jobs {dict(sorted(summary.jobs_by_state.items()))}; "
                           f"items: {items or 'none'}; ${summary.actual_cost_usd:.4f} spent of "
                           f"${summary.est_cost_usd:.4f} estimated")
+        saved = vector_cache.savings(conn, flow=flow)
+        if saved.requests:
+            console.print(f"[bold]cache[/bold]: {saved.line()}", highlight=False)
         policy = get_settings().quota_policy()
         for view in quota.queue_views(conn, kinds=QUOTA_KINDS, policy=policy, flow=flow):
             console.print(f"[bold]queue[/bold] {view.line()}", highlight=False)
@@ -461,6 +472,7 @@ def search(query: Annotated[str, typer.Argument(help="What to look for.")],
                help="The vector store to search (default: the first of LEGAL_BATCH_EMBEDDINGS_SINKS).")] = None,
            ) -> None:
     """Semantic search over the stored embeddings with the configured embeddings provider."""
+    from legal_batch.core.user_tables import CaseSource
     from legal_batch.flows.embeddings.search import search as run_search
     from legal_batch.providers.base import EmbeddingRequest
 
@@ -480,9 +492,9 @@ def search(query: Annotated[str, typer.Argument(help="What to look for.")],
         _search_sink(chosen, result.vector, model=model, dimensions=settings.embedding_dimensions, k=k, query=query)
         return
     with _connect() as conn:
-        hits = run_search(conn, result.vector, model=model, k=k)
+        hits = run_search(conn, result.vector, model=model, k=k, source=CaseSource.from_settings(settings))
         stored = [] if hits else conn.execute(
-            "SELECT model, count(*) FROM case_embeddings GROUP BY model ORDER BY 2 DESC").fetchall()
+            "SELECT model, count(*) FROM embedding_sink GROUP BY model ORDER BY 2 DESC").fetchall()
     console.print(f"[bold]top {plural(k, 'chunk')} for[/bold] “{query}”")
     if not hits and stored:
         others = ", ".join(f"{plural(count, 'vector')} of {name}" for name, count in stored)
@@ -501,23 +513,62 @@ def search(query: Annotated[str, typer.Argument(help="What to look for.")],
 def verify(flow: Annotated[FlowChoice | None, _FLOW_OPTION] = None) -> None:
     """Prove from the database alone that every item is in exactly one state and nothing is lost."""
     flow = None if flow is None else str(flow)
+    from legal_batch.core.user_tables import CaseSource
+    from legal_batch.core.verify import stale_results
     from legal_batch.core.verify import verify as run_verify
     from legal_batch.definitions import DONE_WITHOUT_RESULT
+    from legal_batch.flows.registry import entry as registry_entry
 
     flows = {name: sql for name, sql in DONE_WITHOUT_RESULT.items() if flow is None or name == flow}
+    source = CaseSource.from_settings(get_settings())
     with _connect() as conn:
         report = run_verify(conn, flows)
+        stale = stale_results(conn, {name: registry_entry(name).stale_result_sql(source) for name in flows})
     for name in flows:
         console.print(f"{name}: {plural(report.checked_items[name], 'item')} in "
                       f"{plural(report.checked_jobs[name], 'job')} checked")
     for violation in report.violations:
         console.print(f"[red]✗ {violation.flow}: {violation.rule}: {violation.count}[/red] "
                       f"(e.g. {', '.join(violation.examples)})\n  what to do: {violation.repair}")
+    for found in stale:
+        noun = "sink row" if found.flow == "embeddings" else "result"
+        console.print(f"[yellow]! {found.flow}: {plural(found.count, noun)} no longer match the source text[/yellow] "
+                      f"(e.g. {', '.join(found.examples)})\n  what to do: {found.repair}", highlight=False)
     for warning in _failed_check_warnings(list(flows)):
         console.print(f"[yellow]! {warning}[/yellow]", highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
     console.print("[green]ledger consistent: every item is in exactly one state[/green]")
+
+
+@app.command("reset")
+def reset(flow: Annotated[FlowChoice, typer.Option(help="The flow whose work to remove.", show_default=False)],
+          yes: Annotated[bool, typer.Option("--yes", help="Do not ask before removing.")] = False,
+          cache: Annotated[bool, typer.Option("--cache", help="Also empty the vector cache (embeddings).")] = False
+          ) -> None:
+    """Remove a flow's work: cancel its open provider jobs, then delete its ledger rows and results
+    (chunks and vectors; headnotes it wrote; template runs) in one transaction. Shows what will go
+    and asks first (unless --yes); the vector cache is kept unless --cache."""
+    from legal_batch.core import reset as resetting
+    from legal_batch.core.user_tables import CaseSource, VectorTable
+
+    name = str(flow)
+    settings = get_settings()
+    source, table = CaseSource.from_settings(settings), VectorTable.from_settings(settings)
+    with _connect() as conn:
+        plan = resetting.plan_reset(conn, name, cache=cache, source=source, table=table)
+        if plan.empty and not plan.open_jobs:
+            console.print(f"nothing to remove for {name}")
+            return
+        console.print(f"[bold]reset {name}[/bold] will remove:")
+        for line in plan.lines():
+            console.print(f"  - {line}", highlight=False)
+        if not yes:
+            typer.confirm("Remove all of this?", abort=True)
+        resetting.cancel_open_jobs(plan, lambda provider: _provider(name, provider), echo=console.print)
+        removed = resetting.apply_reset(conn, plan, source=source, table=table, files_root=settings.home_dir / "files")
+    console.print(f"[green]reset {name}: removed " + ", ".join(f"{count:,} {kind.replace('_', ' ')}"
+                                                             for kind, count in removed.items()) + "[/green]")
 
 
 def _failed_check_warnings(flows: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     the default applies."""
 
     model_config = SettingsConfigDict(env_prefix="LEGAL_BATCH_", env_file=".env", extra="ignore",
-                                      env_ignore_empty=True)
+                                      env_ignore_empty=True, populate_by_name=True)
 
     home: Path = Field(default=Path(".legal_batch"), description="State folder: embedded database, files, Dagster home.")
     database_url: str | None = Field(default=None, description="Postgres with pgvector; unset → embedded server.")
@@ -45,7 +45,29 @@ class Settings(BaseSettings):
     template_max_field_chars: int = Field(default=20_000, description="template flow: longer placeholder values "
                                           "are truncated (and counted in the summary).")
     embedding_model: str | None = Field(default=None, description="Unset → the provider's default model.")
-    embedding_dimensions: int = 1024
+    embedding_dimensions: int = Field(default=1024, ge=1, le=16_000, description="Vector size: 256, 512 or 1024 for "
+                                      "Titan Text Embeddings V2; up to 1536 (text-embedding-3-small) or 3072 (-large).")
+    schema_name: str = Field(default="legal_batch", validation_alias="LEGAL_BATCH_SCHEMA", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+                         description="The Postgres schema our own tables live in (ledger, chunks, cache, migrations "
+                         "record); nothing is created outside it but the pgvector extension and a vector table "
+                         "you name.")
+    source_table: str | None = Field(default=None, description="Your table (or view) of cases, `schema.table` or a "
+                                     "table in `public`; unset → the built-in court_cases.")
+    source_id_column: str = Field(default="id", description="Source: the case id column (uuid, unique).")
+    source_text_column: str = Field(default="full_text", description="Source: the judgment text column.")
+    source_citation_column: str | None = Field(default=None, description="Source: the citation column (unset → "
+                                               "not read; the built-in court_cases has neutral_citation).")
+    source_name_column: str | None = Field(default=None, description="Source: the case name column (unset → not "
+                                           "read).")
+    source_court_column: str | None = Field(default=None, description="Source: the court column (unset → not read).")
+    source_date_column: str | None = Field(default=None, description="Source: the decision date column, a date or "
+                                           "timestamp (unset → not read).")
+    source_headnote_column: str | None = Field(default=None, description="Source: the headnote column, embedded as "
+                                               "a chunk of its case and written by the headnotes flow (unset → "
+                                               "none: the headnotes flow has nowhere to write).")
+    embeddings_table: str | None = Field(default=None, description="The pgvector table vectors are written to, "
+                                         "`schema.table` or a table in `public`; created when missing; unset → "
+                                         "case_embeddings in our schema.")
     embeddings_sinks: str = Field(default="pgvector", description="Where vectors are stored, a comma list of "
                                   "pgvector, chroma, weaviate (legal_batch/sinks/registry.py).")
     chroma_url: str | None = Field(default=None, description="Chroma server (http[s]://host:port); unset → an "
@@ -103,6 +125,8 @@ class Settings(BaseSettings):
         "`legal-batch headnotes run --prompt PATH` wins for its run; the text is kept with each shard planned.")
     headnote_min_citation_rate: float = Field(default=0.5, ge=0, le=1, description="Check: citation mention floor.")
     headnote_overwrite: bool = Field(default=False, description="Also regenerate existing headnotes.")
+    headnote_regenerate_stale: bool = Field(default=False, description="Also regenerate headnotes flagged stale "
+                                            "(their case's text changed after they were written).")
     headnote_overwrite_before: datetime | None = Field(
         default=None, description="With overwrite: regenerate headnotes generated before this instant "
         "(unset → before the planning process started). `legal-batch headnotes run --overwrite` passes its own "
@@ -184,7 +208,8 @@ def get_settings(*, fresh: bool = False) -> Settings:
 
 
 def _variable(field: str) -> str:
-    return f"{Settings.model_config.get('env_prefix', '')}{field.upper()}"
+    prefix = Settings.model_config.get('env_prefix', '')
+    return field.upper() if field.upper().startswith(prefix) else f"{prefix}{field.upper()}"
 
 
 def _default(field: str) -> str:

@@ -12,6 +12,7 @@ import dagster as dg
 import psycopg
 import pytest
 
+from legal_batch.core.user_tables import check_tables
 from legal_batch.db import connect, embedded, upgrade
 from legal_batch.settings import Settings, get_settings
 
@@ -43,7 +44,10 @@ def template_url(pg_admin_url: str) -> Iterator[str]:
     with psycopg.connect(pg_admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
     url = _with_database(pg_admin_url, TEMPLATE_DB)
-    upgrade(url)
+    upgrade(url, schema="legal_batch")
+    with connect(url, schema="legal_batch") as conn:  # the built-in source and case_embeddings
+        check_tables(conn, Settings(_env_file=None, schema_name="legal_batch", source_table=None,
+                                    embeddings_table=None, embedding_dimensions=1024))
     yield url
     with psycopg.connect(pg_admin_url, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')

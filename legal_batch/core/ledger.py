@@ -165,6 +165,12 @@ def _lock_key(flow: str) -> int:
     return zlib.crc32(f"legal_batch:plan:{flow}".encode()) & 0x7FFFFFFF
 
 
+def lock_planning(conn: psycopg.Connection, flow: str) -> None:
+    """Hold the flow's planning lock until the caller's transaction ends: no shard is cut meanwhile,
+    so the open items the caller sees stay the open items (e.g. while chunks are replaced)."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(flow),))
+
+
 def cut_shards(candidates: Iterable[Candidate], limits: ShardLimits) -> Iterator[list[Candidate]]:
     """Greedy packing in candidate order: a new shard when records, bytes or tokens would overflow."""
     shard: list[Candidate] = []
@@ -364,6 +370,33 @@ def record_failed_subjects(conn: psycopg.Connection, flow: str, failures: Iterab
             rows,
         )
     return len(rows)
+
+
+def record_served_subjects(conn: psycopg.Connection, flow: str, subjects_sql: str, params: dict) -> int:
+    """Close subjects whose result was written without a request (e.g. a vector from the cache) as
+    `done`, with no job; `subjects_sql` selects their `subject_key, custom_id, tokens`. An open item
+    is never touched. Returns how many were closed."""
+    return conn.execute(
+        "INSERT INTO batch_items (flow, subject_key, custom_id, state, input_tokens)"
+        f" SELECT %(_flow)s, s.subject_key, s.custom_id, 'done', s.tokens FROM ({subjects_sql}) AS s"
+        "   (subject_key, custom_id, tokens)"
+        " ON CONFLICT (flow, subject_key) DO UPDATE SET state = 'done', job_id = NULL, last_error = NULL,"
+        "   custom_id = excluded.custom_id, input_tokens = excluded.input_tokens, updated_at = now()"
+        " WHERE batch_items.state NOT IN ('exported', 'submitted')",
+        {**params, "_flow": flow},
+    ).rowcount
+
+
+def forget_subjects(conn: psycopg.Connection, flow: str, subject_keys: list[str]) -> int:
+    """Delete the closed items (done, retryable, failed) of subjects that no longer exist as they
+    were — e.g. chunks of a case whose text changed: their history no longer describes them, and
+    their replacements start with a clean slate. Open items are never deleted."""
+    if not subject_keys:
+        return 0
+    return conn.execute(
+        "DELETE FROM batch_items WHERE flow = %s AND subject_key = ANY(%s) AND state NOT IN ('exported', 'submitted')",
+        (flow, subject_keys),
+    ).rowcount
 
 
 # -- jobs --------------------------------------------------------------------------------------------

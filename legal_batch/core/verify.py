@@ -91,6 +91,39 @@ _RULES: list[tuple[str, str, str]] = [
 ]
 
 
+@dataclass(frozen=True)
+class Stale:
+    """Results that no longer match the source text they were made from."""
+
+    flow: str
+    count: int
+    examples: list[str]
+    repair: str
+
+
+_STALE_REPAIR = {
+    "embeddings": "run the embeddings flow (`legal-batch embeddings run`): changed cases are chunked again and "
+                  "only their changed chunks are requested; removed cases' vectors go",
+    "headnotes": "regenerate them with LEGAL_BATCH_HEADNOTE_REGENERATE_STALE=true `legal-batch headnotes run`, or "
+                 "keep them",
+}
+
+
+def stale_results(conn: psycopg.Connection, flows: Mapping[str, str | None], *, examples: int = 5) -> list[Stale]:
+    """Per flow, the results its `stale_result_sql` finds (one line each): vectors whose text hash no
+    longer matches the source, headnotes whose judgment changed. Not a ledger violation — the next
+    run (or an explicit regeneration) brings them up to date."""
+    found = []
+    for flow, stale_sql in flows.items():
+        if not stale_sql:
+            continue
+        rows = conn.execute(stale_sql).fetchall()
+        if rows:
+            found.append(Stale(flow, len(rows), [str(r[0]) for r in rows[:examples]],
+                               _STALE_REPAIR.get(flow, f"run the {flow} flow again")))
+    return found
+
+
 def verify(conn: psycopg.Connection, flows: Mapping[str, str | None], *, examples: int = 5) -> VerifyReport:
     """Check every rule for each flow; `flows` maps a flow name to its done-without-result SQL (or None)."""
     report = VerifyReport()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg import sql
 
 from legal_batch.db import embedded
-from legal_batch.settings import Settings
+from legal_batch.settings import Settings, get_settings
 
 
 class DatabaseError(RuntimeError):
@@ -20,9 +21,12 @@ def database_url(settings: Settings) -> str:
     return embedded.start(settings.home_dir)
 
 
-def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection:
-    """A psycopg 3 connection with pgvector's types registered; autocommit, so every `with
-    conn.transaction()` block is a real transaction (not a savepoint in an implicit one)."""
+def connect(url: str, *, autocommit: bool = True, schema: str | None = None) -> psycopg.Connection:
+    """A psycopg 3 connection with pgvector's types registered and our schema (`schema`, else
+    `LEGAL_BATCH_SCHEMA`: `legal_batch`) first on its `search_path`, so our tables are found by their
+    plain names and a user's tables of the same names (in `public`) are never touched.
+    Autocommit, so every `with conn.transaction()` block is a real transaction (not a savepoint in
+    an implicit one)."""
     try:
         conn = psycopg.connect(url, autocommit=autocommit)
     except psycopg.OperationalError as exc:
@@ -31,6 +35,7 @@ def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection:
             "or unset it to use the embedded server."
         ) from exc
     try:
+        set_search_path(conn, schema or get_settings().schema_name)
         register_vector(conn)
     except psycopg.ProgrammingError as exc:
         conn.close()
@@ -39,6 +44,15 @@ def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection:
             "as a user allowed to CREATE EXTENSION vector, or install pgvector on that server."
         ) from exc
     return conn
+
+
+def set_search_path(conn: psycopg.Connection, schema: str) -> None:
+    """Our schema first, then the server's own search path (`"$user", public` unless configured
+    otherwise: where the pgvector extension and users' tables are)."""
+    conn.execute("SELECT set_config('search_path', %s || ', ' || current_setting('search_path'), false)",
+                 (sql.Identifier(schema).as_string(conn),))
+    if not conn.autocommit:
+        conn.commit()
 
 
 def _redact(url: str) -> str:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from importlib import resources
 
 import psycopg
+from psycopg.sql import SQL, Identifier
 
-from legal_batch.db.connection import DatabaseError, _redact
+from legal_batch.db.connection import DatabaseError, _redact, set_search_path
+from legal_batch.settings import get_settings
 
 _LOCK_ID = 0x4C42_0001  # advisory lock key for migrations
 
@@ -22,8 +24,14 @@ def migration_files() -> list[tuple[str, str]]:
     return [(name.removesuffix(".sql"), (folder / name).read_text(encoding="utf-8")) for name in names]
 
 
-def upgrade(url: str) -> list[str]:
-    """Apply pending migrations; returns the versions applied now."""
+def upgrade(url: str, *, schema: str | None = None) -> list[str]:
+    """Apply pending migrations in our schema (`schema`, else `LEGAL_BATCH_SCHEMA`), creating it if
+    needed; returns the versions applied now.
+
+    Migrations run with our schema first on the search path, so the tables they create land there.
+    A database migrated before our tables had a schema of their own keeps its migrations record in
+    `public` until migration 0005 moves it (with the ledger and the chunks) into ours."""
+    schema = schema or get_settings().schema_name
     applied_now: list[str] = []
     try:
         conn = psycopg.connect(url, autocommit=True)
@@ -44,10 +52,17 @@ def upgrade(url: str) -> list[str]:
                     "(https://github.com/pgvector/pgvector) or unset LEGAL_BATCH_DATABASE_URL to use "
                     "the embedded server, which ships it."
                 )
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")  # where extensions go (not our schema)
+            _create_schema(conn, schema, url)
+            set_search_path(conn, schema)
+            ours = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                (f"{Identifier(schema).as_string(conn)}.schema_migrations",)).fetchone()[0]
+            legacy = conn.execute("SELECT to_regclass('public.schema_migrations') IS NOT NULL").fetchone()[0]
+            if not ours and not (legacy and schema != "public"):
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
             done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
             for version, sql in migration_files():
                 if version in done:
@@ -59,3 +74,14 @@ def upgrade(url: str) -> list[str]:
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
     return applied_now
+
+
+def _create_schema(conn: psycopg.Connection, schema: str, url: str) -> None:
+    try:
+        conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(schema)))
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise DatabaseError(
+            f"cannot create the schema {schema} for our tables in {_redact(url)} ({' '.join(str(exc).split())}): "
+            f"create it for this user (CREATE SCHEMA {schema} AUTHORIZATION <user>), or set LEGAL_BATCH_SCHEMA to a "
+            "schema this user owns"
+        ) from exc

@@ -163,6 +163,8 @@ def build_flow_definitions(
             context.instance.add_dynamic_partitions(partitions.name, result.shard_keys)
         message = (f"{result.planned_items} new requests in {len(result.shard_keys)} shards"
                    if result.shard_keys else "no new candidates: nothing to submit")
+        if prepared.get("summary_note"):  # e.g. what the vector cache saved
+            message += f"; {prepared['summary_note']}"
         context.log.info(message)
         return dg.MaterializeResult(metadata={
             **prepared,

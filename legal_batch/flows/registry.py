@@ -38,6 +38,12 @@ class FlowEntry:
     def done_without_result_sql(self) -> str | None:
         return getattr(import_module(f"{self.package}.flow"), "DONE_WITHOUT_RESULT_SQL", None)
 
+    def stale_result_sql(self, source: Any) -> str | None:
+        """The flow's `stale_result_sql(source)` (results whose text no longer matches the source),
+        if it has one."""
+        make = getattr(import_module(f"{self.package}.flow"), "stale_result_sql", None)
+        return None if make is None else make(source)
+
     def cli_app(self) -> Any:
         return import_module(f"{self.package}.cli").app
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import dagster as dg
 import psycopg
 
+from legal_batch.core.user_tables import check_tables, tables_key
 from legal_batch.db import connect, database_url, upgrade
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources.providers import make_provider, provider_name_for
 from legal_batch.settings import Settings, get_settings
 
-_UPGRADED: set[str] = set()
+_UPGRADED: set[tuple] = set()
 
 
 class DatabaseResource(dg.ConfigurableResource):
@@ -27,13 +28,18 @@ class DatabaseResource(dg.ConfigurableResource):
 
     @contextmanager
     def connect(self) -> Iterator[psycopg.Connection]:
-        """A connection to an up-to-date schema (migrations are applied once per process)."""
+        """A connection to an up-to-date schema (migrations are applied, and the source and vector
+        tables the settings name are checked, once per process: `user_tables.check_tables`)."""
         url = self.resolved_url()
-        if url not in _UPGRADED:
-            upgrade(url)
-            _UPGRADED.add(url)
-        conn = connect(url)
+        settings = get_settings()
+        key = (url, tables_key(settings))
+        if key not in _UPGRADED:
+            upgrade(url, schema=settings.schema_name)
+        conn = connect(url, schema=settings.schema_name)
         try:
+            if key not in _UPGRADED:
+                check_tables(conn, settings)
+                _UPGRADED.add(key)
             yield conn
         finally:
             conn.close()

@@ -10,9 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-import psycopg
-
-from legal_batch.db import embedded
+from legal_batch.db import connect, embedded
 from legal_batch_tests.e2e.support import (
     CLI,
     assert_every_chunk_embedded_once,
@@ -54,7 +52,7 @@ def test_a_waiting_run_rides_out_a_database_restart(tmp_path: Path) -> None:
         assert "database unavailable since" in output and "reconnecting in" in output, output
         assert "database reachable again" in output, output
         assert "Traceback" not in output and "AdminShutdown" not in output, output
-        with psycopg.connect(url, autocommit=True) as conn:
+        with connect(url, schema="legal_batch") as conn:
             chunks = assert_every_chunk_embedded_once(conn)
             shards = scalar(conn, "SELECT count(*) FROM batch_jobs WHERE state = 'ingested'")
             tokens = [t for (t,) in conn.execute("SELECT client_token FROM batch_jobs WHERE mode = 'batch'")]

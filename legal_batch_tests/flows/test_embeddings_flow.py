@@ -299,4 +299,5 @@ def test_verify_finds_a_vector_deleted_behind_the_pipelines_back_and_a_rerun_rep
     runner(dagster_instance).run(wait=True, poll_interval=0)
     assert verify(conn, {"embeddings": DONE_WITHOUT_RESULT_SQL}).ok
     assert count(conn, "SELECT count(*) FROM case_embeddings") == count(conn, "SELECT count(*) FROM case_chunks")
-    assert len(ledger.list_jobs(conn)) == 2, "only the deleted vectors were requested again"
+    assert len(ledger.list_jobs(conn)) == 1, "the deleted vectors came back from the vector cache, not a request"
+    assert count(conn, "SELECT coalesce(sum(requests), 0) FROM cache_savings") == deleted

@@ -11,10 +11,10 @@ from typing import Any
 import boto3
 import numpy as np
 import orjson
-import psycopg
 import pytest
 
 from legal_batch.core.seed import seed_demo_cases
+from legal_batch.db import connect
 from legal_batch.providers.base import (
     ChatRequest,
     EmbeddingRequest,
@@ -469,14 +469,14 @@ def test_embeddings_flow_end_to_end_on_bedrock(
         monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
         (tmp_path / "dagster").mkdir()
         settings = get_settings(fresh=True)
-        with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+        with connect(settings.database_url or "") as conn:  # our schema on its search path
             seed_demo_cases(conn, cases=10)  # 10 demo cases chunk into well over 100 records
 
         run = FlowDriver(FLOWS_BY_NAME["embeddings"], defs, flow="embeddings", echo=lambda s: None).run(
             wait=True, poll_interval=0.05)
         assert run.failed_runs == []
 
-        with psycopg.connect(settings.database_url or "", autocommit=True) as conn:
+        with connect(settings.database_url or "") as conn:
             chunks = conn.execute("SELECT count(*) FROM case_chunks").fetchone()[0]
             assert chunks >= 100  # one shard above Bedrock's minimum of 100 records
             assert conn.execute("SELECT count(*) FROM case_embeddings WHERE model = %s",

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dagster as dg
 import psycopg
 
-from legal_batch.core import ledger
+from legal_batch.core import ledger, vector_cache
 from legal_batch.core.progress import Heartbeat, watch_index_build
+from legal_batch.core.user_tables import CaseSource, VectorTable
 from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
 from legal_batch.flows.catalog import COURT_CASES
 from legal_batch.flows.embeddings.checks import vector_checks, vector_spec
@@ -18,10 +19,12 @@ from legal_batch.flows.embeddings.flow import (
     DONE_WITHOUT_RESULT_SQL,
     EmbeddingsFlow,
     ensure_vector_index,
-    sync_chunks,
+    prepare_chunks,
 )
+from legal_batch.flows.embeddings.flow import has_unchunked_cases as unchunked_cases_exist
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import DatabaseResource, get_settings
+from legal_batch.resources.providers import make_provider
 
 NAMES = FlowNames(flow="embeddings", prefix="embedding", results="case_embeddings")
 
@@ -43,43 +46,50 @@ CASE_EMBEDDINGS_SCHEMA = dg.TableSchema(
 
 def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
               job: ledger.JobRow | None = None) -> EmbeddingsFlow:
-    if job is not None and job.params is not None:
-        return EmbeddingsFlow.for_job(model=job.model, params=job.params)
+    """For planning: the settings (source, vector table, dimensions) and the run's `config`; for a
+    shard: what it was planned with (its job row)."""
     settings = get_settings()
+    source = CaseSource.from_settings(settings)
+    if job is not None and job.params is not None:
+        return EmbeddingsFlow.for_job(model=job.model, params=job.params, provider=job.provider, source=source)
     return EmbeddingsFlow(
         model=settings.embedding_model or provider.default_model("embeddings"),
         dimensions=settings.embedding_dimensions,
         limit_cases=config.limit if config else None,
+        provider=provider.name,
+        source=source,
+        table=VectorTable.from_settings(settings),
     )
 
 
 def chunk_new_cases(context: dg.AssetExecutionContext, conn: psycopg.Connection, config: CandidatesConfig) -> dict:
     settings = get_settings()
     heartbeat = Heartbeat(context.log.info, "chunking cases")
-    synced = sync_chunks(conn, max_tokens=settings.chunk_max_tokens, overlap_tokens=settings.chunk_overlap_tokens,
-                         limit_cases=config.limit, on_progress=heartbeat.beat)
-    context.log.info(f"chunked {synced.cases} new cases into {synced.chunks} chunks; {synced.rejected} rejected")
-    return {"cases_chunked": synced.cases, "chunks_written": synced.chunks, "cases_rejected": synced.rejected}
+    flow = make_flow(make_provider(config.provider or settings.embeddings_provider, settings), config)
+    prepared = prepare_chunks(conn, flow, max_tokens=settings.chunk_max_tokens,
+                              overlap_tokens=settings.chunk_overlap_tokens, on_progress=heartbeat.beat)
+    context.log.info(prepared["chunking"])
+    return prepared
 
 
 def has_unchunked_cases(conn: psycopg.Connection) -> bool:
-    return bool(conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM court_cases k WHERE NOT EXISTS"
-        " (SELECT 1 FROM case_chunks c WHERE c.case_id = k.id) AND NOT EXISTS (SELECT 1 FROM batch_items i"
-        "  WHERE i.flow = 'embeddings' AND i.subject_key = 'case:' || k.id AND i.state = 'failed'))"
-    ).fetchone()[0])
+    return unchunked_cases_exist(conn, CaseSource.from_settings(get_settings()))
 
 
 def build_index_when_loaded(context: dg.AssetExecutionContext, conn: psycopg.Connection,
                             database: DatabaseResource) -> dict:
     """After the last in-flight shard is ingested, build the HNSW index (once; see ensure_vector_index),
-    logging its progress every 10 s while it builds (minutes for a large table)."""
+    logging its progress every 10 s while it builds (minutes for a large table). Also what the vector
+    cache has saved so far (this ingest gave chunks of its texts waiting for them their vector)."""
+    saved = vector_cache.savings(conn, flow=NAMES.flow)
+    totals = {"cache_requests_saved_total": saved.requests, "cache_tokens_saved_total": saved.tokens,
+              "cache_usd_saved_total": float(saved.usd)}
     with watch_index_build(database.connect, context.log.info, table="case_embeddings"):
-        seconds = ensure_vector_index(conn)
+        seconds = ensure_vector_index(conn, table=VectorTable.from_settings(get_settings()))
     if seconds is None:
-        return {}
+        return totals
     context.log.info(f"built the HNSW index on case_embeddings in {seconds:.1f} s")
-    return {"hnsw_index_built_seconds": round(seconds, 1)}
+    return {**totals, "hnsw_index_built_seconds": round(seconds, 1)}
 
 
 def table_rows(conn: psycopg.Connection) -> int:
@@ -104,8 +114,11 @@ DEFS = build_flow_definitions(
     table_rows=table_rows,
     descriptions={
         "candidates": "Chunks of court judgments that need an embedding. Grain: one chunk (case_id, chunk_index). "
-                      "Chunks new cases into case_chunks (paragraph-aware, token budget, overlap), then cuts the "
-                      "chunks with no embedding and no open ledger item into shards (batch_jobs/batch_items). "
+                      "Chunks new cases, and again cases whose text or headnote changed, into case_chunks "
+                      "(paragraph-aware, token budget, overlap; unchanged chunks keep their vectors), serves "
+                      "chunks whose text is in the vector cache with no request, then cuts one chunk per "
+                      "distinct text with no embedding and no open ledger item into shards "
+                      "(batch_jobs/batch_items). Metadata: requests, tokens and USD the cache saved. "
                       "Idempotent: in-flight and done chunks are never planned again.",
         "request_files": "One shard's JSONL request file in the provider's batch format. Grain: one request line "
                          "per chunk; key: custom_id chunk-<case_id>-<chunk_index>. Rewritten identically until "
@@ -113,8 +126,10 @@ DEFS = build_flow_definitions(
         "batch_jobs": "The provider batch job of one shard. Submitted once: the ledger row and client token are "
                       "written before the provider call, and a crash in between is reconciled, not resubmitted.",
         "batch_outputs": "The downloaded output and error files of one finished provider job.",
-        "results": "Embeddings of judgment chunks in pgvector (case_embeddings, vector(1024), HNSW cosine). "
-                   "Grain: (case_id, chunk_index, model). One transaction per shard: vectors upserted and "
-                   "ledger items closed together; re-ingest changes nothing.",
+        "results": "Embeddings of judgment chunks in pgvector (case_embeddings, or LEGAL_BATCH_EMBEDDINGS_TABLE; "
+                   "vector(LEGAL_BATCH_EMBEDDING_DIMENSIONS), HNSW cosine). Grain: (case_id, chunk_index, model). "
+                   "One transaction per shard: vectors upserted (each with the hash of its chunk's text, and "
+                   "into the vector cache) and ledger items closed together; chunks of the same text waiting "
+                   "for it take the vector from the cache; re-ingest changes nothing.",
     },
 )

@@ -1,5 +1,12 @@
-"""The embeddings flow's own logic: chunk judgments, name candidate chunks, request lines, and the
-pgvector sink (binary COPY through a staging table, then upsert), overlapped with parsing."""
+"""The embeddings flow's own logic: chunk judgments (again when their text changed), name candidate
+chunks (one request per distinct text, none for a text in flight or in the vector cache), request
+lines, and the pgvector sink (binary COPY through a staging table, then upsert), overlapped with
+parsing, which also fills the vector cache.
+
+Cases come from the source the settings name (`core.user_tables.CaseSource`: the built-in
+`court_cases` by default) and vectors go to the vector table they name (`VectorTable`:
+`case_embeddings` by default); both travel with each shard planned (`job_params`).
+"""
 
 from __future__ import annotations
 
@@ -8,79 +15,331 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import psycopg
 
-from legal_batch.core import ledger
-from legal_batch.core.chunking import chunk_text
+from legal_batch.core import ledger, vector_cache
+from legal_batch.core.chunking import Chunk, chunk_text
 from legal_batch.core.flow import Item
+from legal_batch.core.user_tables import CaseSource, VectorTable, text_sha256
+from legal_batch.core.vector_cache import CacheKey, Savings
 from legal_batch.providers.base import EmbeddingRequest, Endpoint, Request, Result
 
 FLOW = "embeddings"
+HEADNOTE_CHUNK = "headnote"
+"""`chunk_type` of the chunks made from a case's headnote (after the judgment's own chunks)."""
 _CHUNK_LOCK = 0x4C42_0C4B  # advisory lock key: "chunking court_cases for embeddings"
 _COPY_BATCH = 2_000
 _QUEUED = 2
 
 
-@dataclass(frozen=True)
+@dataclass
 class ChunkSync:
-    cases: int
-    chunks: int
-    rejected: int
+    """What one chunking pass did."""
+
+    cases: int = 0
+    """Cases chunked now: new, or whose text (or headnote) changed."""
+    chunks: int = 0
+    """Chunk rows written (a chunk whose text did not change keeps its row and its vectors)."""
+    rejected: int = 0
+    """Cases whose text cannot be embedded (empty, NUL characters, no words): a failed item says why."""
+    changed: int = 0
+    """Of `cases`, those chunked before whose text or headnote changed."""
+    chunks_replaced: int = 0
+    """Chunks of changed cases removed (with their vectors and closed ledger items)."""
+    removed_cases: int = 0
+    """Cases gone from the source whose chunks and vectors were removed."""
+    deferred: int = 0
+    """Changed or removed cases left for a later pass because some of their chunks are in flight."""
+    served: Savings = field(default_factory=Savings)
+    """Chunks of changed cases that took their vector from the vector cache."""
 
 
 def case_subject(case_id: str) -> str:
     return f"case:{case_id}"
 
 
-def sync_chunks(conn: psycopg.Connection, *, max_tokens: int, overlap_tokens: int, limit_cases: int | None = None,
-                batch_cases: int = 200, on_progress: Callable[[int], None] | None = None) -> ChunkSync:
-    """Chunk every case that has no chunks yet (and no recorded failure), committing per batch.
+def headnote_sha256(headnote: str | None) -> str | None:
+    """The hash recorded for a case's headnote: None when it has none (or only blanks)."""
+    return text_sha256(headnote) if headnote is not None and headnote.strip() else None
 
-    A case whose text is empty or contains NUL characters gets a failed ledger item with the reason.
-    Concurrent chunkers (two runs at once) take turns per batch under an advisory lock, so a case is
-    chunked once."""
-    cases = chunks = rejected = 0
-    while limit_cases is None or cases < limit_cases:
-        take = batch_cases if limit_cases is None else min(batch_cases, limit_cases - cases)
+
+def _headnote_sha256_sql(alias: str = "k") -> str:
+    return (f"CASE WHEN btrim(coalesce({alias}.headnote, '')) = '' THEN NULL"
+            f" ELSE encode(sha256(convert_to({alias}.headnote, 'UTF8')), 'hex') END")
+
+
+def sync_chunks(conn: psycopg.Connection, *, max_tokens: int, overlap_tokens: int, limit_cases: int | None = None,
+                batch_cases: int = 200, on_progress: Callable[[int], None] | None = None,
+                source: CaseSource | None = None, table: VectorTable | None = None,
+                cache: CacheKey | None = None) -> ChunkSync:
+    """Bring `case_chunks` in line with the source, committing per batch of cases.
+
+    - A new case is chunked; its judgment's chunks are followed by its headnote's (`chunk_type`
+      `headnote`), if it has one. The hash of the text and of the headnote chunked is recorded
+      (`chunked_cases`).
+    - A case whose text or headnote hash differs is chunked again. A chunk whose text is unchanged at
+      the same index keeps its row and its vectors; the others are removed with their vectors (in
+      `table`) and their closed ledger items, in the transaction that writes the new chunks, which
+      also gives new chunks whose text is in the vector cache (`cache`) their vector back — e.g. a
+      paragraph that moved. Headnotes written from the old text are flagged stale.
+    - A case gone from the source loses its chunks and vectors (not while the source is empty: an
+      empty source is more likely a misconfiguration than a deleted corpus).
+    - A case with a chunk in flight (an open ledger item) waits for a later pass.
+    - A case whose text is empty or contains NUL characters gets a failed ledger item with the reason;
+      it is tried again when its text changes.
+
+    Hashing every judgment (in the database) is what a pass costs when nothing changed. Concurrent
+    chunkers take turns per batch under an advisory lock (and the planning lock), so a case is
+    chunked once and never while a shard is being cut."""
+    source = source or CaseSource()
+    table = table or VectorTable()
+    result = ChunkSync()
+    result.removed_cases, deferred_removals = _remove_deleted_cases(conn, source, table)
+    result.deferred += deferred_removals
+    limit = (f" AND k.id IN (SELECT id FROM {source.select('id')} AS s ORDER BY id LIMIT %(limit)s)"
+             if limit_cases is not None else "")
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS chunk_work (case_id uuid PRIMARY KEY)")
+    conn.execute("TRUNCATE chunk_work")
+    conn.execute(
+        "INSERT INTO chunk_work (case_id)"
+        f" SELECT k.id FROM {source.select('id', 'full_text', 'headnote')} AS k"
+        " LEFT JOIN chunked_cases s ON s.case_id = k.id"
+        f" WHERE (s.case_id IS NULL OR s.text_sha256 <> {source.text_sha256_sql('k')}"
+        f"        OR s.headnote_sha256 IS DISTINCT FROM {_headnote_sha256_sql('k')}){limit}",
+        {"limit": limit_cases},
+    )
+    while True:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHUNK_LOCK,))
-            rows = conn.execute(
-                "SELECT k.id::text, k.full_text FROM court_cases k"
-                " WHERE NOT EXISTS (SELECT 1 FROM case_chunks c WHERE c.case_id = k.id)"
-                "   AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %s AND i.subject_key = 'case:' || k.id"
-                "                   AND i.state = 'failed')"
-                " ORDER BY k.id LIMIT %s",
-                (FLOW, take),
-            ).fetchall()
-            if not rows:
+            ledger.lock_planning(conn, FLOW)
+            ids = [row[0] for row in conn.execute(
+                "DELETE FROM chunk_work WHERE case_id IN (SELECT case_id FROM chunk_work ORDER BY case_id LIMIT %s)"
+                " RETURNING case_id::text", (batch_cases,))]
+            if not ids:
                 break
-            failures: list[tuple[str, str]] = []
-            with conn.cursor().copy(
-                "COPY case_chunks (case_id, chunk_index, chunk_type, chunk_text, char_start, char_end, token_count,"
-                " text_sha256) FROM STDIN"
-            ) as copy:
-                for case_id, text in rows:
-                    reason = _unusable(text)
-                    pieces = [] if reason else chunk_text(text, max_tokens=max_tokens, overlap_tokens=overlap_tokens)
-                    if not reason and not pieces:
-                        reason = "full_text has no words to embed"
-                    if reason:
-                        failures.append((case_subject(case_id), f"court_cases.id={case_id}: {reason}; fix the text "
-                                         "and delete this batch_items row to retry"))
-                        continue
-                    for piece in pieces:
-                        copy.write_row((case_id, piece.chunk_index, piece.chunk_type, piece.text, piece.char_start,
-                                        piece.char_end, piece.token_count, piece.sha256))
-                    chunks += len(pieces)
-            if failures:
-                rejected += ledger.record_failed_subjects(conn, FLOW, failures)
-        cases += len(rows)
-        if on_progress is not None:
-            on_progress(len(rows))
-    return ChunkSync(cases, chunks, rejected)
+            done = _chunk_batch(conn, ids, source=source, table=table, cache=cache, max_tokens=max_tokens,
+                                overlap_tokens=overlap_tokens, result=result)
+        if on_progress is not None and done:
+            on_progress(done)
+    return result
+
+
+def prepare_chunks(conn: psycopg.Connection, flow: EmbeddingsFlow, *, max_tokens: int, overlap_tokens: int,
+                   on_progress: Callable[[int], None] | None = None) -> dict:
+    """Before planning: chunk the source (`sync_chunks`), then serve every chunk whose text is in the
+    vector cache (`EmbeddingsFlow.serve_from_cache`). Returns the figures (asset metadata): `chunking`
+    says what chunking did, `summary_note` (for the run's summary) what changed and what the cache
+    saved, if anything."""
+    synced = sync_chunks(conn, max_tokens=max_tokens, overlap_tokens=overlap_tokens, limit_cases=flow.limit_cases,
+                         on_progress=on_progress, source=flow.source, table=flow.table, cache=flow.cache)
+    served = synced.served + flow.serve_from_cache(conn)
+    chunking = (f"chunked {synced.cases} cases ({synced.changed} changed) into {synced.chunks} new chunks; "
+                f"{synced.chunks_replaced} chunks replaced, {synced.removed_cases} removed cases cleared, "
+                f"{synced.rejected} rejected, {synced.deferred} waiting for chunks in flight; {served.line()}")
+    notes = []
+    if synced.changed or synced.removed_cases:
+        notes.append(f"{synced.changed} changed cases chunked again ({synced.chunks_replaced} chunks replaced), "
+                     f"{synced.removed_cases} removed cases cleared")
+    if served.requests:
+        notes.append(served.line())
+    return {"chunking": chunking, "summary_note": "; ".join(notes),"cases_chunked": synced.cases, "cases_changed": synced.changed, "chunks_written": synced.chunks,
+            "chunks_replaced": synced.chunks_replaced, "cases_removed": synced.removed_cases,
+            "cases_rejected": synced.rejected, "cases_deferred": synced.deferred,
+            "cache_requests_saved": served.requests, "cache_tokens_saved": served.tokens,
+            "cache_usd_saved": float(served.usd)}
+
+
+@dataclass(frozen=True)
+class _Old:
+    chunk_index: int
+    chunk_type: str
+    char_start: int
+    char_end: int
+    sha256: str
+
+
+def _chunk_batch(conn: psycopg.Connection, ids: list[str], *, source: CaseSource, table: VectorTable,
+                 cache: CacheKey | None, max_tokens: int, overlap_tokens: int, result: ChunkSync) -> int:
+    """Chunk one batch of cases (inside the caller's transaction); returns the cases looked at."""
+    rows = conn.execute(
+        "SELECT k.id::text, k.full_text, k.headnote, s.text_sha256, s.headnote_sha256, s.case_id IS NOT NULL"
+        f" FROM {source.select('id', 'full_text', 'headnote')} AS k LEFT JOIN chunked_cases s ON s.case_id = k.id"
+        " WHERE k.id = ANY(%s::uuid[]) ORDER BY k.id",
+        (ids,),
+    ).fetchall()
+    in_flight_cases = {row[0] for row in conn.execute(
+        "SELECT DISTINCT split_part(subject_key, ':', 1) FROM batch_items WHERE flow = %s"
+        " AND state IN ('exported', 'submitted') AND subject_key NOT LIKE 'case:%%'", (FLOW,))}
+    old_chunks: dict[str, list[_Old]] = {}
+    for case_id, *old in conn.execute(
+            "SELECT case_id::text, chunk_index, chunk_type, char_start, char_end, text_sha256 FROM case_chunks"
+            " WHERE case_id = ANY(%s::uuid[]) ORDER BY case_id, chunk_index", (ids,)):
+        old_chunks.setdefault(case_id, []).append(_Old(*old))
+    failures: list[tuple[str, str]] = []
+    usable: list[str] = []
+    gone: list[tuple[str, int]] = []
+    moved: list[tuple[str, int, str, int, int]] = []
+    written: list[tuple[str, Chunk, str]] = []
+    recorded: list[tuple[str, str, str | None, int]] = []
+    stale_text: list[tuple[str, str]] = []
+    changed_here = False
+    for case_id, text, headnote, old_text_sha, old_headnote_sha, seen in rows:
+        text_sha, note_sha = text_sha256(text), headnote_sha256(headnote)
+        recorded_note_sha = note_sha
+        if seen and text_sha == old_text_sha and note_sha == old_headnote_sha:
+            continue  # chunked meanwhile by another process
+        if case_id in in_flight_cases:
+            result.deferred += 1
+            continue
+        old = old_chunks.get(case_id, [])
+        reason = _unusable(text)
+        if reason is None and seen and text_sha == old_text_sha:  # only the headnote changed
+            body = [o for o in old if o.chunk_type != HEADNOTE_CHUNK]
+            pieces: list[Chunk] | None = None
+        else:
+            body = []
+            pieces = [] if reason else chunk_text(text, max_tokens=max_tokens, overlap_tokens=overlap_tokens)
+            if not reason and not pieces:
+                reason = "full_text has no words to embed"
+        if reason:
+            failures.append((case_subject(case_id), f"{source.name} id={case_id}: {reason}; correct the text: "
+                             "the case is chunked again when it changes"))
+            pieces, note_sha = [], None
+        else:
+            usable.append(case_id)
+        if pieces is not None and note_sha is not None:
+            pieces += _headnote_chunks(headnote, start=len(pieces), max_tokens=max_tokens)
+        elif pieces is None:
+            pieces = [Chunk(o.chunk_index, o.chunk_type, "", o.char_start, o.char_end, 0) for o in body]
+            if note_sha is not None:
+                pieces += _headnote_chunks(headnote, start=len(body), max_tokens=max_tokens)
+        new_by_index = {piece.chunk_index: piece for piece in pieces}
+        body_indexes = {o.chunk_index for o in body}
+        old_by_index = {o.chunk_index: o for o in old}
+        for o in old:
+            piece = new_by_index.get(o.chunk_index)
+            if piece is not None and (o.chunk_index in body_indexes or piece.sha256 == o.sha256):
+                if o.chunk_index not in body_indexes and (piece.chunk_type, piece.char_start, piece.char_end) != (
+                        o.chunk_type, o.char_start, o.char_end):
+                    moved.append((case_id, o.chunk_index, piece.chunk_type, piece.char_start, piece.char_end))
+                continue
+            gone.append((case_id, o.chunk_index))
+        for piece in pieces:
+            old_piece = old_by_index.get(piece.chunk_index)
+            if old_piece is None or (piece.chunk_index not in body_indexes and old_piece.sha256 != piece.sha256):
+                written.append((case_id, piece, piece.sha256))
+        if seen or old:
+            result.changed += 1
+            changed_here = True
+            if seen and text_sha != old_text_sha:
+                stale_text.append((case_id, text_sha))
+        result.cases += 1
+        recorded.append((case_id, text_sha, recorded_note_sha, len(pieces)))
+    if gone:
+        _remove_chunks(conn, gone, table=table, cache=cache)
+        result.chunks_replaced += len(gone)
+    for case_id, index, kind, start, end in moved:
+        conn.execute("UPDATE case_chunks SET chunk_type = %s, char_start = %s, char_end = %s"
+                     " WHERE case_id = %s AND chunk_index = %s", (kind, start, end, case_id, index))
+    if written:
+        ledger.forget_subjects(conn, FLOW, [f"{case_id}:{piece.chunk_index}" for case_id, piece, _ in written])
+        with conn.cursor().copy(
+            "COPY case_chunks (case_id, chunk_index, chunk_type, chunk_text, char_start, char_end, token_count,"
+            " text_sha256) FROM STDIN"
+        ) as copy:
+            for case_id, piece, sha in written:
+                copy.write_row((case_id, piece.chunk_index, piece.chunk_type, piece.text, piece.char_start,
+                                piece.char_end, piece.token_count, sha))
+        result.chunks += len(written)
+    if usable:
+        ledger.forget_subjects(conn, FLOW, [case_subject(case_id) for case_id in usable])
+    if failures:
+        result.rejected += ledger.record_failed_subjects(conn, FLOW, failures)
+    if recorded:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO chunked_cases (case_id, text_sha256, headnote_sha256, chunks) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (case_id) DO UPDATE SET text_sha256 = excluded.text_sha256,"
+                "  headnote_sha256 = excluded.headnote_sha256, chunks = excluded.chunks, chunked_at = now()",
+                recorded)
+    if stale_text:
+        flag_stale_headnotes(conn, stale_text)
+    if cache is not None and changed_here:
+        result.served = result.served + vector_cache.serve(conn, cache, table=table.relation, flow=FLOW,
+                                                           case_ids=[case_id for case_id, *_ in recorded])
+    return len(rows)
+
+
+def _headnote_chunks(headnote: str, *, start: int, max_tokens: int) -> list[Chunk]:
+    """A headnote as chunks of type `headnote`, numbered from `start` (offsets are in the headnote)."""
+    pieces = chunk_text(headnote, max_tokens=max_tokens, overlap_tokens=0) if headnote.strip() else []
+    return [Chunk(start + n, HEADNOTE_CHUNK, p.text, p.char_start, p.char_end, p.token_count)
+            for n, p in enumerate(pieces)]
+
+
+def _remove_chunks(conn: psycopg.Connection, keys: list[tuple[str, int]], *, table: VectorTable,
+                   cache: CacheKey | None) -> None:
+    """Remove chunks with their vectors (in `table`, any model) and their closed ledger items, after
+    caching their vectors (`cache`) for a chunk of the same text elsewhere."""
+    case_ids = [case_id for case_id, _ in keys]
+    indexes = [index for _, index in keys]
+    if cache is not None:
+        vector_cache.stash(conn, cache, table=table.relation, case_ids=case_ids, chunk_indexes=indexes)
+    for relation in (table.relation, "case_chunks"):
+        conn.execute(f"DELETE FROM {relation} t USING unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index)"
+                     " WHERE t.case_id = k.case_id AND t.chunk_index = k.chunk_index", (case_ids, indexes))
+    ledger.forget_subjects(conn, FLOW, [f"{case_id}:{index}" for case_id, index in keys])
+
+
+def _remove_deleted_cases(conn: psycopg.Connection, source: CaseSource, table: VectorTable) -> tuple[int, int]:
+    """Chunks, vectors and closed items of cases no longer in the source: (cases removed, deferred
+    because a chunk is in flight). Nothing when the source is empty."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHUNK_LOCK,))
+        ledger.lock_planning(conn, FLOW)
+        if not conn.execute(f"SELECT EXISTS (SELECT 1 FROM {source.select('id')} AS k)").fetchone()[0]:
+            return 0, 0
+        missing = conn.execute(
+            "SELECT c.case_id::text, EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %s"
+            "   AND i.state IN ('exported', 'submitted') AND i.subject_key LIKE c.case_id::text || ':%%')"
+            " FROM (SELECT case_id FROM chunked_cases UNION SELECT DISTINCT case_id FROM case_chunks) AS c"
+            f" WHERE NOT EXISTS (SELECT 1 FROM {source.select('id')} AS k WHERE k.id = c.case_id)", (FLOW,)).fetchall()
+        removed = [case_id for case_id, in_flight in missing if not in_flight]
+        if removed:
+            keys = conn.execute("SELECT case_id::text, chunk_index FROM case_chunks WHERE case_id = ANY(%s::uuid[])",
+                                (removed,)).fetchall()
+            _remove_chunks(conn, [(case_id, index) for case_id, index in keys], table=table, cache=None)
+            conn.execute("DELETE FROM chunked_cases WHERE case_id = ANY(%s::uuid[])", (removed,))
+            ledger.forget_subjects(conn, FLOW, [case_subject(case_id) for case_id in removed])
+    return len(removed), len(missing) - len(removed)
+
+
+def flag_stale_headnotes(conn: psycopg.Connection, changed: list[tuple[str, str]]) -> int:
+    """Flag the headnotes of cases whose text is now `(case_id, text_sha256)` as stale where they were
+    written from another text (or before that was recorded). Regenerated only when asked
+    (`LEGAL_BATCH_HEADNOTE_REGENERATE_STALE`)."""
+    return conn.execute(
+        "UPDATE case_headnotes h SET stale_since = now()"
+        " FROM unnest(%s::uuid[], %s::text[]) AS c (case_id, text_sha256)"
+        " WHERE h.case_id = c.case_id AND h.stale_since IS NULL"
+        "   AND h.text_sha256 IS DISTINCT FROM c.text_sha256",
+        ([case_id for case_id, _ in changed], [sha for _, sha in changed]),
+    ).rowcount
+
+
+def has_unchunked_cases(conn: psycopg.Connection, source: CaseSource | None = None) -> bool:
+    """Cheap (no hashing): a case of the source never chunked, or a chunked case gone from it. Edited
+    cases are found by the next chunking pass."""
+    source = source or CaseSource()
+    return bool(conn.execute(
+        f"SELECT EXISTS (SELECT 1 FROM {source.select('id')} AS k WHERE NOT EXISTS"
+        "  (SELECT 1 FROM chunked_cases s WHERE s.case_id = k.id))"
+        f" OR EXISTS (SELECT 1 FROM chunked_cases s WHERE NOT EXISTS (SELECT 1 FROM {source.select('id')} AS k"
+        "  WHERE k.id = s.case_id))"
+    ).fetchone()[0])
 
 
 def _unusable(text: str | None) -> str | None:
@@ -92,39 +351,83 @@ def _unusable(text: str | None) -> str | None:
 
 
 class EmbeddingsFlow:
-    """Subjects are chunks (`<case_id>:<chunk_index>`), results are rows of `case_embeddings`."""
+    """Subjects are chunks (`<case_id>:<chunk_index>`), results are rows of the vector table."""
 
     name = FLOW
     endpoint: Endpoint = "embeddings"
 
-    def __init__(self, *, model: str, dimensions: int = 1024, limit_cases: int | None = None) -> None:
+    def __init__(self, *, model: str, dimensions: int = 1024, limit_cases: int | None = None,
+                 provider: str | None = None, source: CaseSource | None = None,
+                 table: VectorTable | None = None) -> None:
+        """`provider` names the vector cache's provider (None: no cache); `source` and `table` default to
+        the built-in `court_cases` and `case_embeddings`."""
         self.model = model
         self.dimensions = dimensions
         self.limit_cases = limit_cases
+        self.provider = provider
+        self.source = source or CaseSource()
+        self.table = table or VectorTable(dimensions=dimensions)
+
+    @property
+    def cache(self) -> CacheKey | None:
+        return None if self.provider is None else CacheKey(self.provider, self.model, self.dimensions)
 
     def job_params(self) -> dict:
-        return {"dimensions": self.dimensions}
+        params: dict = {"dimensions": self.dimensions}
+        if self.table.table is not None:
+            params["table"] = self.table.table
+        return params
 
     @classmethod
-    def for_job(cls, *, model: str, params: dict) -> EmbeddingsFlow:
+    def for_job(cls, *, model: str, params: dict, provider: str | None = None,
+                source: CaseSource | None = None) -> EmbeddingsFlow:
         """The flow a shard was planned with (`job_params` as stored on its job row)."""
-        return cls(model=model, dimensions=int(params["dimensions"]))
+        dimensions = int(params["dimensions"])
+        return cls(model=model, dimensions=dimensions, provider=provider, source=source,
+                   table=VectorTable(params.get("table"), dimensions))
 
     def candidate_sql(self) -> tuple[str, dict]:
+        """Chunks with no vector (of this model) and no open or failed item, one per distinct text:
+        none whose text is in flight in another item (it is served from the vector cache when that
+        item's result is ingested) or already in the cache (served before planning)."""
+        cached = ("" if self.provider is None else
+                  "   AND NOT EXISTS (SELECT 1 FROM vector_cache v WHERE v.provider = %(provider)s"
+                  "                   AND v.model = %(model)s AND v.dimensions = %(dims)s"
+                  "                   AND v.text_sha256 = c.text_sha256)")
+        limit = (f" AND c.case_id IN (SELECT id FROM {self.source.select('id')} AS k ORDER BY id LIMIT %(limit)s)"
+                 if self.limit_cases is not None else "")
         sql = (
-            "SELECT c.case_id::text || ':' || c.chunk_index, 'chunk-' || c.case_id || '-' || c.chunk_index,"
-            "       c.token_count, octet_length(c.chunk_text) + 300"
-            " FROM case_chunks c"
-            " WHERE NOT EXISTS (SELECT 1 FROM case_embeddings e WHERE e.case_id = c.case_id"
+            "WITH in_flight AS (SELECT DISTINCT o.text_sha256 FROM batch_items i JOIN case_chunks o"
+            "   ON o.case_id = split_part(i.subject_key, ':', 1)::uuid"
+            "  AND o.chunk_index = split_part(i.subject_key, ':', 2)::int"
+            "  WHERE i.flow = %(flow)s AND i.state IN ('exported', 'submitted') AND i.subject_key NOT LIKE 'case:%%')"
+            " SELECT subject_key, custom_id, tokens, size_bytes FROM ("
+            "  SELECT DISTINCT ON (c.text_sha256) c.case_id, c.chunk_index,"
+            "   c.case_id::text || ':' || c.chunk_index AS subject_key,"
+            "   'chunk-' || c.case_id || '-' || c.chunk_index AS custom_id,"
+            "   c.token_count AS tokens, octet_length(c.chunk_text) + 300 AS size_bytes"
+            "  FROM case_chunks c"
+            f" WHERE NOT EXISTS (SELECT 1 FROM {self.table.relation} e WHERE e.case_id = c.case_id"
             "                   AND e.chunk_index = c.chunk_index AND e.model = %(model)s)"
             "   AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %(flow)s"
             "                   AND i.subject_key = c.case_id::text || ':' || c.chunk_index"
             "                   AND i.state IN ('exported', 'submitted', 'failed'))"
+            "   AND NOT EXISTS (SELECT 1 FROM in_flight f WHERE f.text_sha256 = c.text_sha256)"
+            f"{cached}{limit}"
+            "  ORDER BY c.text_sha256, c.case_id, c.chunk_index) AS c"
+            " ORDER BY c.case_id, c.chunk_index"
         )
-        if self.limit_cases is not None:
-            sql += " AND c.case_id IN (SELECT id FROM court_cases ORDER BY id LIMIT %(limit)s)"
-        sql += " ORDER BY c.case_id, c.chunk_index"
-        return sql, {"model": self.model, "flow": FLOW, "limit": self.limit_cases}
+        return sql, {"model": self.model, "flow": FLOW, "limit": self.limit_cases, "provider": self.provider,
+                     "dims": self.dimensions}
+
+    def serve_from_cache(self, conn: psycopg.Connection) -> Savings:
+        """Before planning: every chunk without a vector whose text is in the vector cache takes its
+        vector from it (one transaction); nothing without a provider to key the cache by."""
+        if self.cache is None:
+            return Savings()
+        with conn.transaction():
+            ledger.lock_planning(conn, FLOW)
+            return vector_cache.serve(conn, self.cache, table=self.table.relation, flow=FLOW)
 
     def requests(self, conn: psycopg.Connection, job_id: int) -> Iterator[Request]:
         with conn.cursor(name=f"requests_{job_id}") as cur:
@@ -140,27 +443,38 @@ class EmbeddingsFlow:
                 yield EmbeddingRequest(custom_id, text)
 
     def sink(self, conn: psycopg.Connection, *, model: str) -> EmbeddingSink:
-        return EmbeddingSink(conn, model=model, dimensions=self.dimensions)
+        cache = None if self.provider is None else CacheKey(self.provider, model, self.dimensions)
+        return EmbeddingSink(conn, model=model, dimensions=self.dimensions, table=self.table.relation, cache=cache)
 
 
 class EmbeddingSink:
     """Validates vectors and writes them with binary COPY, `_COPY_BATCH` rows at a time, in a writer
     thread so that database work overlaps result parsing.
 
-    Accepted vectors are copied into a float32 block; the writer encodes a whole block as binary COPY
-    tuples with numpy (no per-row Python work) and, when none of the block's keys has a row yet (the
-    usual first ingest), COPYs it straight into `case_embeddings`; otherwise into a staging table
-    followed by an upsert, so re-ingest stays an upsert. Nothing else may write the same keys in the
-    meantime (the ledger gives each chunk to one open job): a concurrent writer of the same key would
-    make the COPY fail with a unique violation, rolling back the whole ingest, never half of it.
+    Accepted vectors are copied into a float32 block; the writer looks up the text hash of the
+    block's chunks (stored with each vector: `legal-batch verify` compares it with the source),
+    encodes the whole block as binary COPY tuples with numpy (no per-row Python work) and, when none
+    of the block's keys has a row yet (the usual first ingest), COPYs it straight into the vector
+    table (`table`); otherwise into a staging table followed by an upsert, so re-ingest stays an
+    upsert. With a `cache` key it then caches the block's vectors (`vector_cache.fill`), and `finish`
+    gives chunks of the same texts waiting for them (duplicates not requested) their vector from it.
+    Nothing else may write the same keys in the meantime (the ledger gives each chunk to one open
+    job): a concurrent writer of the same key would make the COPY fail with a unique violation,
+    rolling back the whole ingest, never half of it.
     Memory: at most `_QUEUED + 2` blocks of `_COPY_BATCH` vectors (about 8 MB each at 1024 dims) and
     the COPY stream being sent (the same size), whatever the size of the output file."""
 
-    def __init__(self, conn: psycopg.Connection, *, model: str, dimensions: int) -> None:
+    def __init__(self, conn: psycopg.Connection, *, model: str, dimensions: int, table: str = "case_embeddings",
+                 cache: CacheKey | None = None) -> None:
         self.conn = conn
         self.model = model
         self.dimensions = dimensions
+        self.table = table
+        self.cache = cache
         self.rows = 0
+        self.served = Savings()
+        """Chunks of the same texts as this ingest's that took their vector from the cache."""
+        self._hashes: set[str] = set()
         self._block = self._new_block()
         self._case_ids: list[str] = []
         self._chunk_indexes: list[int] = []
@@ -168,9 +482,12 @@ class EmbeddingSink:
         self._spare: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         self._error: BaseException | None = None
         conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS stage_embeddings (case_id uuid, chunk_index int,"
+            "CREATE TEMP TABLE IF NOT EXISTS stage_embeddings (case_id uuid, chunk_index int, text_sha256 text,"
             f" embedding vector({dimensions})) ON COMMIT DROP"
         )
+        self._created_at = bool(conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'created_at'"
+            " AND NOT attisdropped)", (table,)).fetchone()[0])
         self._thread = threading.Thread(target=self._write, name="embedding-writer", daemon=True)
         self._thread.start()
 
@@ -213,29 +530,46 @@ class EmbeddingSink:
             while (batch := self._queue.get()) is not None:
                 block, case_ids, chunk_indexes = batch
                 with self.conn.cursor() as cur:
+                    hashes = self._text_hashes(cur, case_ids, chunk_indexes)
                     if self._any_exists(cur, case_ids, chunk_indexes):
-                        self._copy(cur, "stage_embeddings", block, case_ids, chunk_indexes, model=None)
+                        self._copy(cur, "stage_embeddings", block, case_ids, chunk_indexes, model=None,
+                                   hashes=hashes)
+                        refreshed = ", created_at = now()" if self._created_at else ""
                         cur.execute(
-                            "INSERT INTO case_embeddings (case_id, chunk_index, model, embedding)"
-                            " SELECT case_id, chunk_index, %s, embedding FROM stage_embeddings"
+                            f"INSERT INTO {self.table} (case_id, chunk_index, model, embedding, text_sha256)"
+                            " SELECT case_id, chunk_index, %s, embedding, text_sha256 FROM stage_embeddings"
                             " ON CONFLICT (case_id, chunk_index, model) DO UPDATE"
-                            " SET embedding = excluded.embedding, created_at = now()",
+                            f" SET embedding = excluded.embedding, text_sha256 = excluded.text_sha256{refreshed}",
                             (self.model,),
                         )
                         self.rows += cur.rowcount
                         cur.execute("TRUNCATE stage_embeddings")
                     else:
-                        self.rows += self._copy(cur, "case_embeddings", block, case_ids, chunk_indexes,
-                                                model=self.model)
+                        self.rows += self._copy(cur, self.table, block, case_ids, chunk_indexes,
+                                                model=self.model, hashes=hashes)
+                    if self.cache is not None and hashes is not None:
+                        vector_cache.fill(self.conn, self.cache, table=self.table, case_ids=case_ids,
+                                          chunk_indexes=chunk_indexes)
+                        self._hashes.update(hashes)
                 self._spare.put(block)
         except BaseException as exc:  # surfaced to the caller in accept() or finish()
             self._error = exc
             while self._queue.get() is not None:
                 pass
 
+    @staticmethod
+    def _text_hashes(cur: psycopg.Cursor, case_ids: list[str], chunk_indexes: list[int]) -> list[str] | None:
+        """The chunks' text hashes in block order; None if a chunk is missing (then none is stored)."""
+        found = {(str(case_id), index): sha for case_id, index, sha in cur.execute(
+            "SELECT c.case_id, c.chunk_index, c.text_sha256 FROM case_chunks c"
+            " JOIN unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index) USING (case_id, chunk_index)",
+            (case_ids, chunk_indexes)).fetchall()}
+        hashes = [found.get((case_id, index)) for case_id, index in zip(case_ids, chunk_indexes, strict=True)]
+        return None if any(sha is None or len(sha) != 64 for sha in hashes) else hashes  # type: ignore[return-value]
+
     def _any_exists(self, cur: psycopg.Cursor, case_ids: list[str], chunk_indexes: list[int]) -> bool:
         return bool(cur.execute(
-            "SELECT EXISTS (SELECT 1 FROM case_embeddings e"
+            f"SELECT EXISTS (SELECT 1 FROM {self.table} e"
             " JOIN unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index) USING (case_id, chunk_index)"
             " WHERE e.model = %s)",
             (case_ids, chunk_indexes, self.model),
@@ -243,10 +577,12 @@ class EmbeddingSink:
 
     @staticmethod
     def _copy(cur: psycopg.Cursor, table: str, block: np.ndarray, case_ids: list[str], chunk_indexes: list[int],
-              *, model: str | None) -> int:
-        columns = "case_id, chunk_index, embedding" if model is None else "case_id, chunk_index, model, embedding"
+              *, model: str | None, hashes: list[str] | None = None) -> int:
+        columns = "case_id, chunk_index" + ("" if model is None else ", model") + \
+            ("" if hashes is None else ", text_sha256") + ", embedding"
         with cur.copy(f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.write(binary_copy_data(case_ids, chunk_indexes, block[: len(case_ids)], model=model))
+            copy.write(binary_copy_data(case_ids, chunk_indexes, block[: len(case_ids)], model=model,
+                                        hashes=hashes))
         return cur.rowcount
 
     def finish(self) -> int:
@@ -256,6 +592,9 @@ class EmbeddingSink:
         self._thread.join()
         if self._error is not None:
             raise RuntimeError(f"writing embeddings failed: {self._error}") from self._error
+        if self.cache is not None and self._hashes:
+            self.served = vector_cache.serve(self.conn, self.cache, table=self.table, flow=FLOW,
+                                             hashes=sorted(self._hashes))
         return self.rows
 
 
@@ -264,13 +603,14 @@ _COPY_TRAILER = b"\xff\xff"
 
 
 def binary_copy_data(case_ids: list[str], chunk_indexes: list[int], vectors: np.ndarray, *,
-                     model: str | None = None) -> memoryview:
-    """A whole `COPY ... (case_id, chunk_index[, model], embedding) FROM STDIN WITH (FORMAT BINARY)`
-    stream (header, tuples, trailer) built with numpy in one buffer: no Python work per row.
+                     model: str | None = None, hashes: list[str] | None = None) -> memoryview:
+    """A whole `COPY ... (case_id, chunk_index[, model][, text_sha256], embedding) FROM STDIN WITH
+    (FORMAT BINARY)` stream (header, tuples, trailer) built with numpy in one buffer: no Python work
+    per row.
 
-    `case_ids` are canonical uuid strings, `vectors` a (rows, dims) array (cast to float32, as
-    pgvector stores them). The `vector` wire format is dims (uint16), 0 (uint16), then the floats, all
-    big-endian."""
+    `case_ids` are canonical uuid strings, `hashes` (optional) 64-character hex digests, `vectors` a
+    (rows, dims) array (cast to float32, as pgvector stores them). The `vector` wire format is dims
+    (uint16), 0 (uint16), then the floats, all big-endian."""
     rows, dims = vectors.shape
     if len(case_ids) != rows or len(chunk_indexes) != rows:
         raise ValueError(f"{len(case_ids)} case ids and {len(chunk_indexes)} chunk indexes for {rows} vectors")
@@ -282,13 +622,17 @@ def binary_copy_data(case_ids: list[str], chunk_indexes: list[int], vectors: np.
                            ("index", ">i4")]
     if model is not None:
         fields += [("model_len", ">i4"), ("model", f"S{len(name)}")] if name else [("model_len", ">i4")]
+    if hashes is not None:
+        if len(hashes) != rows:
+            raise ValueError(f"{len(hashes)} text hashes for {rows} vectors")
+        fields += [("sha_len", ">i4"), ("sha", "S64")]
     fields += [("vector_len", ">i4"), ("dims", ">u2"), ("unused", ">u2"), ("vector", ">f4", (dims,))]
     row = np.dtype(fields)
     stream = np.empty(len(_COPY_SIGNATURE) + rows * row.itemsize + len(_COPY_TRAILER), dtype=np.uint8)
     stream[: len(_COPY_SIGNATURE)] = np.frombuffer(_COPY_SIGNATURE, dtype=np.uint8)
     stream[len(stream) - len(_COPY_TRAILER):] = np.frombuffer(_COPY_TRAILER, dtype=np.uint8)
     tuples = stream[len(_COPY_SIGNATURE): len(stream) - len(_COPY_TRAILER)].view(row)
-    tuples["fields"] = 3 if model is None else 4
+    tuples["fields"] = 3 + (model is not None) + (hashes is not None)
     tuples["uuid_len"] = 16
     tuples["uuid"] = np.frombuffer(uuids, dtype="V16")
     tuples["index_len"] = 4
@@ -297,6 +641,9 @@ def binary_copy_data(case_ids: list[str], chunk_indexes: list[int], vectors: np.
         tuples["model_len"] = len(name)
         if name:
             tuples["model"] = name
+    if hashes is not None:
+        tuples["sha_len"] = 64
+        tuples["sha"] = np.array(hashes, dtype="S64")
     tuples["vector_len"] = 4 + 4 * dims
     tuples["dims"] = dims
     tuples["unused"] = 0
@@ -305,11 +652,42 @@ def binary_copy_data(case_ids: list[str], chunk_indexes: list[int], vectors: np.
 
 
 DONE_WITHOUT_RESULT_SQL = (
-    "SELECT i.subject_key FROM batch_items i JOIN batch_jobs j ON j.id = i.job_id"
-    " WHERE i.flow = 'embeddings' AND i.state = 'done' AND NOT EXISTS (SELECT 1 FROM case_embeddings e"
+    "SELECT i.subject_key FROM batch_items i LEFT JOIN batch_jobs j ON j.id = i.job_id"
+    " WHERE i.flow = 'embeddings' AND i.state = 'done' AND i.subject_key NOT LIKE 'case:%%'"
+    " AND NOT EXISTS (SELECT 1 FROM embedding_sink e"
     "  WHERE e.case_id = split_part(i.subject_key, ':', 1)::uuid"
-    "  AND e.chunk_index = split_part(i.subject_key, ':', 2)::int AND e.model = j.model)"
+    "  AND e.chunk_index = split_part(i.subject_key, ':', 2)::int AND (j.model IS NULL OR e.model = j.model))"
 )
+"""Done chunk items without their vector in the vector table in use (`embedding_sink`, see
+`core.user_tables`); an item served from the vector cache (no job) needs a vector of any model."""
+
+
+def stale_result_sql(source: CaseSource | None = None) -> str:
+    """Vectors (in the table in use) whose text no longer matches the source, one line each: their
+    case's text or headnote changed since it was chunked, their chunk is gone, or their chunk's text
+    is not the one they were made from. For `legal-batch verify`; the next chunking pass (any
+    `legal-batch embeddings run`) replaces them."""
+    source = source or CaseSource()
+    return (
+        "WITH changed AS MATERIALIZED (SELECT s.case_id,"
+        f"   s.text_sha256 <> {source.text_sha256_sql('k')} AS text_changed,"
+        f"   s.headnote_sha256 IS DISTINCT FROM {_headnote_sha256_sql('k')} AS headnote_changed"
+        f"  FROM chunked_cases s JOIN {source.select('id', 'full_text', 'headnote')} AS k ON k.id = s.case_id)"
+        " SELECT e.case_id || ':' || e.chunk_index || ' (' || e.model || '): ' || CASE"
+        "  WHEN c.case_id IS NULL THEN 'its chunk no longer exists'"
+        "  WHEN e.text_sha256 IS NOT NULL AND e.text_sha256 <> c.text_sha256 THEN 'made from another text than its chunk'"
+        "  WHEN NOT EXISTS (SELECT 1 FROM " + source.select("id") + " AS k WHERE k.id = e.case_id)"
+        "   THEN 'its case is no longer in the source'"
+        "  WHEN c.chunk_type = 'headnote' THEN 'the headnote changed since it was chunked'"
+        "  ELSE 'the judgment text changed since it was chunked' END"
+        " FROM embedding_sink e"
+        " LEFT JOIN case_chunks c ON c.case_id = e.case_id AND c.chunk_index = e.chunk_index"
+        " LEFT JOIN changed d ON d.case_id = e.case_id"
+        " WHERE c.case_id IS NULL OR (e.text_sha256 IS NOT NULL AND e.text_sha256 <> c.text_sha256)"
+        "  OR (c.chunk_type <> 'headnote' AND d.text_changed) OR (c.chunk_type = 'headnote' AND d.headnote_changed)"
+        "  OR NOT EXISTS (SELECT 1 FROM " + source.select("id") + " AS k WHERE k.id = e.case_id)"
+        " ORDER BY e.case_id, e.chunk_index"
+    )
 
 
 HNSW_INDEX = "case_embeddings_hnsw"
@@ -317,18 +695,37 @@ HNSW_INDEX_SQL = (
     f"CREATE INDEX IF NOT EXISTS {HNSW_INDEX} ON case_embeddings"
     " USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
 )
+HNSW_MAX_DIMENSIONS = 2_000
+"""pgvector indexes `vector` columns of at most 2,000 dimensions; larger ones (text-embedding-3-large's
+3,072) are indexed as `halfvec` (up to 4,000), and searched with the same cast."""
 
 
-def ensure_vector_index(conn: psycopg.Connection, *, maintenance_work_mem: str = "1GB") -> float | None:
+def hnsw_index_sql(table: VectorTable) -> str:
+    """The HNSW cosine index of a vector table of ours (`halfvec` above 2,000 dimensions)."""
+    if table.table is None and table.dimensions <= HNSW_MAX_DIMENSIONS:
+        return HNSW_INDEX_SQL
+    column, ops = ("embedding", "vector_cosine_ops") if table.dimensions <= HNSW_MAX_DIMENSIONS else (
+        f"(embedding::halfvec({table.dimensions}))", "halfvec_cosine_ops")
+    return (f"CREATE INDEX IF NOT EXISTS {table.index_name} ON {table.relation}"
+            f" USING hnsw ({column} {ops}) WITH (m = 16, ef_construction = 64)")
+
+
+def ensure_vector_index(conn: psycopg.Connection, *, maintenance_work_mem: str = "1GB",
+                        table: VectorTable | None = None) -> float | None:
     """Build the HNSW cosine index once no embedding shard is in flight; seconds taken, or None when
-    it already exists or loads are still running.
+    the table has one already, is not ours to index (a table of yours that existed), or loads are
+    still running.
 
     Inserting into an existing HNSW index costs a graph search per row (measured here: ~80 vectors/s
     against ~7,000/s without it), so bulk loads go in first and the index is built once, with a large
     `maintenance_work_mem` (114 s instead of 456 s for 50K vectors). Later small increments are
     maintained by the index as usual."""
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (HNSW_INDEX,)).fetchone()[0]
-    if exists:
+    table = table or VectorTable()
+    exists = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid JOIN pg_am a"
+        " ON a.oid = x.relam WHERE i.indrelid = to_regclass(%s) AND a.amname = 'hnsw')",
+        (table.relation,)).fetchone()[0]
+    if exists or not table.owned(conn):
         return None
     open_jobs = conn.execute(
         "SELECT count(*) FROM batch_jobs WHERE flow = %s AND state NOT IN ('ingested', 'failed', 'cancelled')",
@@ -339,5 +736,5 @@ def ensure_vector_index(conn: psycopg.Connection, *, maintenance_work_mem: str =
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('legal_batch:hnsw'))")
         conn.execute(f"SET LOCAL maintenance_work_mem = '{maintenance_work_mem}'")
-        conn.execute(HNSW_INDEX_SQL)
+        conn.execute(hnsw_index_sql(table))
     return time.monotonic() - started

@@ -1,4 +1,4 @@
-"""Semantic search over `case_embeddings` (cosine distance, HNSW index)."""
+"""Semantic search over the vector table in use (cosine distance, HNSW index)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import psycopg
+
+from legal_batch.core.user_tables import CaseSource
+from legal_batch.flows.embeddings.flow import HNSW_MAX_DIMENSIONS
 
 
 @dataclass(frozen=True)
@@ -19,16 +22,23 @@ class Hit:
     chunk_text: str
 
 
-def search(conn: psycopg.Connection, query_vector: np.ndarray, *, model: str, k: int = 5) -> list[Hit]:
-    """The `k` chunks nearest to the query vector, with their case name, citation and text."""
+def search(conn: psycopg.Connection, query_vector: np.ndarray, *, model: str, k: int = 5,
+           source: CaseSource | None = None) -> list[Hit]:
+    """The `k` chunks nearest to the query vector, with their case name, citation and text: vectors of
+    the table in use (`embedding_sink`), cases of `source` (the built-in court_cases). Above 2,000
+    dimensions the distance is taken on `halfvec`, as the index is built."""
+    source = source or CaseSource()
+    dims = int(query_vector.shape[0])
+    embedding, query = ("e.embedding", "%(q)s") if dims <= HNSW_MAX_DIMENSIONS else (
+        f"e.embedding::halfvec({dims})", f"%(q)s::halfvec({dims})")
     conn.execute("SET hnsw.ef_search = 100")
     rows = conn.execute(
-        "SELECT 1 - (e.embedding <=> %(q)s) AS score, k.case_name, k.neutral_citation, k.court, c.chunk_index,"
+        f"SELECT 1 - ({embedding} <=> {query}) AS score, k.case_name, k.neutral_citation, k.court, c.chunk_index,"
         "       c.chunk_type, c.chunk_text"
-        " FROM case_embeddings e"
+        " FROM embedding_sink e"
         " JOIN case_chunks c ON c.case_id = e.case_id AND c.chunk_index = e.chunk_index"
-        " JOIN court_cases k ON k.id = e.case_id"
-        " WHERE e.model = %(model)s ORDER BY e.embedding <=> %(q)s LIMIT %(k)s",
+        f" JOIN {source.select('id', 'case_name', 'neutral_citation', 'court')} AS k ON k.id = e.case_id"
+        f" WHERE e.model = %(model)s ORDER BY {embedding} <=> {query} LIMIT %(k)s",
         {"q": query_vector.astype(np.float32), "model": model, "k": k},
     ).fetchall()
     return [Hit(float(r[0]), r[1] or "", r[2] or "", r[3] or "", r[4], r[5], r[6]) for r in rows]

@@ -20,6 +20,7 @@ import dagster as dg
 import psycopg
 
 from legal_batch.core import ledger
+from legal_batch.core.user_tables import CaseSource
 from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
 from legal_batch.flows.catalog import COURT_CASES, COURT_CASES_SCHEMA, OWNERS, SOURCES_GROUP
 from legal_batch.flows.headnotes.checks import HEADNOTE_CHECK_SPECS, headnote_checks
@@ -28,6 +29,7 @@ from legal_batch.flows.headnotes.flow import (
     DONE_WITHOUT_RESULT_SQL,
     HeadnotesFlow,
     few_shot_examples,
+    flag_stale_headnotes,
 )
 from legal_batch.flows.headnotes.prompt_template import PromptTemplate, load_prompt
 from legal_batch.providers.base import BatchProvider
@@ -70,9 +72,10 @@ def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
               job: ledger.JobRow | None = None) -> HeadnotesFlow:
     """For planning: the settings, with the run's `overwrite` (and cut-off) from its config. For a
     shard: what it was planned with (its job row), whichever process writes, submits or ingests it."""
-    if job is not None and job.params is not None:
-        return HeadnotesFlow.for_job(model=job.model, params=job.params)
     settings = get_settings()
+    source = CaseSource.from_settings(settings)
+    if job is not None and job.params is not None:
+        return HeadnotesFlow.for_job(model=job.model, params=job.params, source=source)
     overwrite = settings.headnote_overwrite or bool(config and config.overwrite)
     before = (datetime.fromisoformat(config.overwrite_before) if config and config.overwrite_before
               else settings.headnote_overwrite_before or PROCESS_STARTED)
@@ -90,6 +93,8 @@ def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
         # supported chat model's context.
         max_input_tokens=None,
         prompt=run_prompt(config, settings),
+        regenerate_stale=settings.headnote_regenerate_stale,
+        source=source,
     )
 
 
@@ -98,6 +103,7 @@ def estimate_candidates(context: dg.AssetExecutionContext, conn: psycopg.Connect
     totals so far; this is metadata on `headnote_candidates`."""
     settings = get_settings()
     flow = make_flow(make_provider(provider_name_for("headnotes", settings), settings), config)
+    flag_stale_headnotes(conn, flow.source)
     estimate = flow.estimate(conn)
     examples = few_shot_examples(conn, count=flow.few_shot)
     built_in = bool(examples) and all(text in BUILT_IN_EXAMPLES for text in examples)
@@ -107,8 +113,10 @@ def estimate_candidates(context: dg.AssetExecutionContext, conn: psycopg.Connect
         context.log.warning(notice)
     totals = ledger.summary(conn, NAMES.flow)
     without_text = conn.execute(
-        "SELECT count(*) FROM court_cases WHERE headnote IS NULL AND (full_text IS NULL OR btrim(full_text) = '')"
+        f"SELECT count(*) FROM {flow.source.select('id', 'full_text', 'headnote')} AS k"
+        " WHERE headnote IS NULL AND (full_text IS NULL OR btrim(full_text) = '')"
     ).fetchone()[0]
+    stale = conn.execute("SELECT count(*) FROM case_headnotes WHERE stale_since IS NOT NULL").fetchone()[0]
     context.log.info(
         f"{estimate.requests} cases need a headnote ({flow.model}): ~{estimate.est_input_tokens:,} input tokens, "
         f"at most {estimate.est_output_tokens_max:,} output tokens, est. ${estimate.est_batch_usd:.4f} at batch "
@@ -121,6 +129,8 @@ def estimate_candidates(context: dg.AssetExecutionContext, conn: psycopg.Connect
         "few_shot_examples": "built-in" if built_in else "headnote_corpus" if examples else "none",
         **({"notice": notice} if notice else {}),
         "cases_without_text": without_text,
+        "headnotes_stale": stale,
+        "regenerate_stale": flow.regenerate_stale,
         "run_est_requests": estimate.requests,
         "run_est_input_tokens": estimate.est_input_tokens,
         "run_est_output_tokens_max": estimate.est_output_tokens_max,
@@ -134,14 +144,17 @@ def estimate_candidates(context: dg.AssetExecutionContext, conn: psycopg.Connect
 
 
 def table_rows(conn: psycopg.Connection) -> int:
-    """Cases in court_cases that have a headnote (generated or loaded)."""
-    return conn.execute("SELECT count(*) FROM court_cases WHERE headnote IS NOT NULL").fetchone()[0]
+    """Cases of the source that have a headnote (generated or loaded)."""
+    source = CaseSource.from_settings(get_settings())
+    return conn.execute(f"SELECT count(*) FROM {source.select('id', 'headnote')} AS k"
+                        " WHERE headnote IS NOT NULL").fetchone()[0]
 
 
 def check_headnotes(conn: psycopg.Connection, job: ledger.JobRow) -> list[dg.AssetCheckResult]:
     settings = get_settings()
     max_tokens = int((job.params or {}).get("max_tokens", settings.headnote_max_tokens))  # as submitted
-    return headnote_checks(conn, job, max_tokens=max_tokens, min_citation_rate=settings.headnote_min_citation_rate)
+    return headnote_checks(conn, job, max_tokens=max_tokens, min_citation_rate=settings.headnote_min_citation_rate,
+                           source=CaseSource.from_settings(settings))
 
 
 DEFS = build_flow_definitions(

@@ -1,7 +1,7 @@
 """Cheap invariants on a shard's ingested headnotes, and its cost against the estimate.
 
-Only headnotes this shard wrote are looked at: done items whose case carries the shard's model and
-a generation time after the shard was planned.
+Only headnotes this shard wrote are looked at: done items whose case's headnote is recorded with the
+shard's model and a generation time after the shard was planned (`case_headnotes`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import psycopg
 
 from legal_batch.core.cost import batch_discount, price
 from legal_batch.core.ledger import JobRow
+from legal_batch.core.user_tables import CaseSource
 
 RESULTS = "court_case_headnotes"
 MIN_CHARS = 200
@@ -33,32 +34,36 @@ cost_spec = dg.AssetCheckSpec(
 )
 HEADNOTE_CHECK_SPECS = [length_spec, citation_spec, cost_spec]
 
-_WRITTEN = (
-    " FROM batch_items i JOIN court_cases k ON k.id = i.subject_key::uuid"
-    " WHERE i.job_id = %(job)s AND i.state = 'done' AND k.headnote_model = %(model)s"
-    "   AND k.headnote_generated_at >= %(since)s"
-)
+def _written(source: CaseSource) -> str:
+    """FROM/WHERE of the headnotes a shard wrote: done items whose case's headnote is recorded
+    (`case_headnotes`) with the shard's model and a generation time after the shard was planned."""
+    return (
+        f" FROM batch_items i JOIN {source.select('id', 'neutral_citation', 'headnote')} AS k"
+        "   ON k.id = i.subject_key::uuid JOIN case_headnotes h ON h.case_id = k.id"
+        " WHERE i.job_id = %(job)s AND i.state = 'done' AND h.model = %(model)s AND h.generated_at >= %(since)s"
+    )
 
 
 def headnote_checks(conn: psycopg.Connection, job: JobRow, *, max_tokens: int,
-                    min_citation_rate: float) -> list[dg.AssetCheckResult]:
-    """The three checks above, for one ingested shard.
+                    min_citation_rate: float, source: CaseSource | None = None) -> list[dg.AssetCheckResult]:
+    """The three checks above, for one ingested shard (of `source`: the built-in court_cases).
 
     The citation check fails when fewer than ``min_citation_rate`` (0..1) of the headnotes whose
     case has a neutral citation mention it; with no such headnote there is nothing to fail.
     """
     params = {"job": job.id, "model": job.model, "since": job.created_at}
+    written_sql = _written(source or CaseSource())
     written, empty, short, long, cited, with_citation = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE btrim(k.headnote) = ''),"
         "       count(*) FILTER (WHERE char_length(btrim(k.headnote)) BETWEEN 1 AND %(min)s - 1),"
         "       count(*) FILTER (WHERE char_length(btrim(k.headnote)) > %(max)s),"
         "       count(*) FILTER (WHERE k.neutral_citation IS NOT NULL AND strpos(lower(regexp_replace(k.headnote,"
         "             '\\s+', ' ', 'g')), lower(regexp_replace(btrim(k.neutral_citation), '\\s+', ' ', 'g'))) > 0),"
-        "       count(*) FILTER (WHERE coalesce(btrim(k.neutral_citation), '') <> '')" + _WRITTEN,
+        "       count(*) FILTER (WHERE coalesce(btrim(k.neutral_citation), '') <> '')" + written_sql,
         {**params, "min": MIN_CHARS, "max": MAX_CHARS},
     ).fetchone()
     missing = [row[0] for row in conn.execute(
-        "SELECT k.neutral_citation" + _WRITTEN + " AND coalesce(btrim(k.neutral_citation), '') <> ''"
+        "SELECT k.neutral_citation" + written_sql + " AND coalesce(btrim(k.neutral_citation), '') <> ''"
         " AND strpos(lower(regexp_replace(k.headnote, '\\s+', ' ', 'g')),"
         "            lower(regexp_replace(btrim(k.neutral_citation), '\\s+', ' ', 'g'))) = 0"
         " ORDER BY k.id LIMIT 5", params).fetchall()]

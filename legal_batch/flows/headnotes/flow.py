@@ -1,6 +1,12 @@
 """The headnotes flow's own logic: candidate cases, the law-reporter prompt (few-shot examples from
 `headnote_corpus`, judgment truncated at a paragraph boundary), and the sink that validates each
-answer and writes accepted headnotes back to `court_cases` with one set-based UPDATE.
+answer and writes accepted headnotes back to the source's headnote column with one set-based UPDATE.
+
+Cases come from the source the settings name (`core.user_tables.CaseSource`: the built-in
+`court_cases` by default, whose `headnote_model` and `headnote_generated_at` are kept up to date
+too). Whatever the source, each headnote written is recorded in our `case_headnotes` (model, when,
+and the hash of the judgment text it was written from): a headnote whose judgment changed since is
+flagged stale there, and regenerated only when asked (`regenerate_stale`).
 
 Subjects are cases (`subject_key` = the case id, `custom_id` = `case-<uuid>`); results are joined on
 the custom id, never on a line number. Limits:
@@ -28,8 +34,10 @@ from functools import lru_cache
 import psycopg
 
 from legal_batch.core.cost import batch_discount, price
+from legal_batch.core.errors import UserError
 from legal_batch.core.flow import Item, Permanent
 from legal_batch.core.tokens import EncodingName, count_tokens, encoding, encoding_for_model
+from legal_batch.core.user_tables import CaseSource
 from legal_batch.flows.headnotes.prompt_template import PromptTemplate, default_prompt
 from legal_batch.providers.base import ChatRequest, Endpoint, Request, Result
 
@@ -73,12 +81,16 @@ BUILT_IN_EXAMPLES = (
 """Headnotes of three kinds of judgment (Hong Kong, US, PRC), written for this product, used as the
 few-shot examples while `headnote_corpus` is empty: they show the form, not a house style."""
 
+_CANDIDATE_COLUMNS = {True: ("id", "full_text", "headnote", "headnote_generated_at"),
+                      False: ("id", "full_text", "headnote")}
+"""What candidate selection reads of a case: of the built-in source also its own generation time."""
+
 TRUNCATION_MARKER = "[… judgment truncated at {kept:,} of {total:,} characters …]"
 
 
 @dataclass(frozen=True)
 class CaseText:
-    """What the prompt needs of one `court_cases` row."""
+    """What the prompt needs of one case of the source."""
 
     custom_id: str
     neutral_citation: str | None
@@ -221,8 +233,9 @@ class CandidateEstimate:
 
 
 class HeadnotesFlow:
-    """Cases with judgment text and no headnote (all of them with `overwrite`), one chat request
-    each; accepted headnotes go to `court_cases.headnote` (see the module docstring)."""
+    """Cases with judgment text and no headnote (all of them with `overwrite`; also those whose
+    headnote is stale with `regenerate_stale`), one chat request each; accepted headnotes go to the
+    source's headnote column (see the module docstring)."""
 
     name = FLOW
     endpoint: Endpoint = "chat"
@@ -230,11 +243,14 @@ class HeadnotesFlow:
     def __init__(self, *, model: str, prompt: PromptTemplate | None = None, few_shot: int = 3,
                  max_chars: int = 150_000, max_tokens: int = 600,
                  temperature: float = 0.1, limit_cases: int | None = None, overwrite: bool = False,
-                 overwrite_before: datetime | None = None, max_input_tokens: int | None = None) -> None:
+                 overwrite_before: datetime | None = None, max_input_tokens: int | None = None,
+                 regenerate_stale: bool = False, source: CaseSource | None = None) -> None:
         """`overwrite`: also regenerate cases that already have a headnote — those generated before
         `overwrite_before` (or by hand, with no generation time) — so one overwrite pass never
-        regenerates the headnotes it has just written. `max_input_tokens`: a chat model's input
-        limit, if judgments must be cut further than `max_chars` to fit it (tiktoken-exact)."""
+        regenerates the headnotes it has just written. `regenerate_stale`: also regenerate headnotes
+        flagged stale (their judgment changed after they were written). `max_input_tokens`: a chat
+        model's input limit, if judgments must be cut further than `max_chars` to fit it
+        (tiktoken-exact). `source`: where cases are read and headnotes written (built-in court_cases)."""
         if overwrite and overwrite_before is None:
             raise ValueError("overwrite needs overwrite_before (the instant the overwrite was asked for)")
         self.model = model
@@ -247,6 +263,8 @@ class HeadnotesFlow:
         self.overwrite_before = overwrite_before
         self.max_input_tokens = max_input_tokens
         self.prompt = prompt or default_prompt()  # the run's prompt template, kept with each shard it plans
+        self.regenerate_stale = regenerate_stale
+        self.source = source or CaseSource()
         self.encoding_name = encoding_for_model(model)
 
     def job_params(self) -> dict:
@@ -255,12 +273,12 @@ class HeadnotesFlow:
             "few_shot": self.few_shot, "max_chars": self.max_chars, "max_tokens": self.max_tokens,
             "temperature": self.temperature, "overwrite": self.overwrite,
             "overwrite_before": self.overwrite_before.isoformat() if self.overwrite_before else None,
-            "max_input_tokens": self.max_input_tokens,
+            "max_input_tokens": self.max_input_tokens, "regenerate_stale": self.regenerate_stale,
             "prompt": self.prompt.as_params(),
         }
 
     @classmethod
-    def for_job(cls, *, model: str, params: dict) -> HeadnotesFlow:
+    def for_job(cls, *, model: str, params: dict, source: CaseSource | None = None) -> HeadnotesFlow:
         """The flow a shard was planned with (`job_params` as stored on its job row)."""
         before = params.get("overwrite_before")
         return cls(model=model, prompt=PromptTemplate.from_params(params.get("prompt")),
@@ -268,7 +286,8 @@ class HeadnotesFlow:
                    max_tokens=int(params["max_tokens"]), temperature=float(params["temperature"]),
                    overwrite=bool(params["overwrite"]),
                    overwrite_before=datetime.fromisoformat(before) if before else None,
-                   max_input_tokens=params.get("max_input_tokens"))
+                   max_input_tokens=params.get("max_input_tokens"),
+                   regenerate_stale=bool(params.get("regenerate_stale", False)), source=source)
 
     # -- candidates -------------------------------------------------------------------------------
     def _fixed_overhead(self) -> tuple[int, int]:
@@ -295,26 +314,31 @@ class HeadnotesFlow:
             "   least(%(fixed_tokens)s + ceil((x.bytes + least(char_length(k.full_text), %(max_chars)s))::numeric"
             "         / %(chars_per_token)s)::int, %(max_input)s),"
             "   %(fixed_bytes)s + ((x.bytes + octet_length(left(k.full_text, %(max_chars)s))) * 11) / 10"
-            " FROM court_cases k CROSS JOIN examples x"
+            f" FROM {self.source.select(*_CANDIDATE_COLUMNS[self.source.builtin])} AS k CROSS JOIN examples x"
             " WHERE k.full_text IS NOT NULL AND btrim(k.full_text) <> ''"
-            "   AND (k.headnote IS NULL OR (%(overwrite)s AND (k.headnote_generated_at IS NULL"
-            "        OR k.headnote_generated_at < %(before)s)))"
+            f"   AND {_wanted_sql('k.id', 'k.headnote', 'k.headnote_generated_at' if self.source.builtin else None)}"
             "   AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %(flow)s AND i.subject_key = k.id::text"
             "                   AND i.state IN ('exported', 'submitted', 'failed'))"
         )
+        if not self.source.has("headnote"):
+            sql += " AND false"  # nowhere to write a headnote: nothing to request (`estimate` says why)
         if self.limit_cases is not None:
-            sql += (" AND k.id IN (SELECT id FROM court_cases WHERE full_text IS NOT NULL AND btrim(full_text) <> ''"
-                    " ORDER BY id LIMIT %(limit)s)")
+            sql += (f" AND k.id IN (SELECT id FROM {self.source.select('id', 'full_text')} AS s"
+                    " WHERE full_text IS NOT NULL AND btrim(full_text) <> '' ORDER BY id LIMIT %(limit)s)")
         sql += " ORDER BY k.id"
         return sql, {
             "few_shot": max(self.few_shot, 0), "fixed_tokens": fixed_tokens, "fixed_bytes": fixed_bytes,
             "built_in_bytes": sum(len(text.encode()) for text in BUILT_IN_EXAMPLES[:max(self.few_shot, 0)]),
             "max_chars": self.max_chars, "chars_per_token": CHARS_PER_TOKEN, "max_input": max_input,
             "overwrite": self.overwrite, "before": self.overwrite_before, "flow": FLOW, "limit": self.limit_cases,
+            "stale": self.regenerate_stale,
         }
 
     def estimate(self, conn: psycopg.Connection) -> CandidateEstimate:
-        """Requests, tokens and cost of the current candidates (output at its `max_tokens` bound)."""
+        """Requests, tokens and cost of the current candidates (output at its `max_tokens` bound); a
+        `UserError` when the source has no headnote column to write to."""
+        if not self.source.has("headnote"):
+            raise UserError(no_headnote_column(self.source))
         sql, params = self.candidate_sql()
         requests, tokens = conn.execute(f"SELECT count(*), coalesce(sum(c.tokens), 0) FROM ({sql}) AS c (subject,"
                                         " custom_id, tokens, size_bytes)", params).fetchone()
@@ -333,7 +357,7 @@ class HeadnotesFlow:
             cur.itersize = 100  # judgments reach 200 KB each
             cur.execute(
                 "SELECT i.custom_id, k.neutral_citation, k.case_name, k.court, k.decision_date, k.full_text"
-                " FROM batch_items i JOIN court_cases k ON k.id = i.subject_key::uuid"
+                f" FROM batch_items i JOIN {self.source.select()} AS k ON k.id = i.subject_key::uuid"
                 " WHERE i.job_id = %s AND i.state IN ('exported', 'submitted') ORDER BY i.id",
                 (job_id,),
             )
@@ -345,7 +369,8 @@ class HeadnotesFlow:
 
     def sink(self, conn: psycopg.Connection, *, model: str) -> HeadnoteSink:
         return HeadnoteSink(conn, model=model, max_tokens=self.max_tokens, overwrite=self.overwrite,
-                            overwrite_before=self.overwrite_before)
+                            overwrite_before=self.overwrite_before, regenerate_stale=self.regenerate_stale,
+                            source=self.source)
 
 
 # -- results ------------------------------------------------------------------------------------------
@@ -378,16 +403,20 @@ def unusable_reason(result: Result, *, max_tokens: int) -> str | None:
 
 class HeadnoteSink:
     """Validates each answer and stages accepted headnotes (COPY, in batches of 2,000); `finish`
-    writes them with one UPDATE in the ingest transaction, only where the case still has no
-    headnote (or, with overwrite, one generated before the overwrite was asked for)."""
+    writes them to the source's headnote column with one UPDATE in the ingest transaction — only
+    where the case still has no headnote (or, with overwrite, one generated before the overwrite was
+    asked for; with `regenerate_stale`, one flagged stale) — and records each in `case_headnotes`."""
 
     def __init__(self, conn: psycopg.Connection, *, model: str, max_tokens: int, overwrite: bool = False,
-                 overwrite_before: datetime | None = None) -> None:
+                 overwrite_before: datetime | None = None, regenerate_stale: bool = False,
+                 source: CaseSource | None = None) -> None:
         self.conn = conn
         self.model = model
         self.max_tokens = max_tokens
         self.overwrite = overwrite
         self.overwrite_before = overwrite_before
+        self.regenerate_stale = regenerate_stale
+        self.source = source or CaseSource()
         self.accepted = 0
         self._batch: list[tuple[uuid.UUID, str]] = []
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS stage_headnotes (case_id uuid, headnote text) ON COMMIT DROP")
@@ -416,23 +445,73 @@ class HeadnoteSink:
     def finish(self) -> int:
         if self._batch:
             self._flush()
+        source = self.source
+        headnote, case_id, text = source.column("headnote"), source.column("id"), source.column("full_text")
+        if headnote is None:
+            raise UserError(no_headnote_column(source))
+        own = (", headnote_model = %(model)s, headnote_generated_at = now(), updated_at = now()"
+               if source.builtin else "")
         return self.conn.execute(
-            "UPDATE court_cases k SET headnote = s.headnote, headnote_model = %(model)s,"
-            " headnote_generated_at = now(), updated_at = now()"
-            " FROM (SELECT DISTINCT ON (case_id) case_id, headnote FROM stage_headnotes) s"
-            " WHERE k.id = s.case_id AND (k.headnote IS NULL OR (%(overwrite)s AND"
-            "   (k.headnote_generated_at IS NULL OR k.headnote_generated_at < %(before)s)))",
-            {"model": self.model, "overwrite": self.overwrite, "before": self.overwrite_before},
+            f"WITH written AS (UPDATE {source.relation} t SET {headnote} = s.headnote{own}"
+            "  FROM (SELECT DISTINCT ON (case_id) case_id, headnote FROM stage_headnotes) s"
+            f" WHERE t.{case_id} = s.case_id"
+            f" AND {_wanted_sql(f't.{case_id}', f't.{headnote}', 't.headnote_generated_at' if source.builtin else None)}"
+            f" RETURNING t.{case_id} AS case_id, t.{text} AS full_text)"
+            " INSERT INTO case_headnotes (case_id, model, generated_at, text_sha256)"
+            f" SELECT case_id, %(model)s, now(), {source.text_sha256_sql('written')} FROM written"
+            " ON CONFLICT (case_id) DO UPDATE SET model = excluded.model, generated_at = excluded.generated_at,"
+            "  text_sha256 = excluded.text_sha256, stale_since = NULL",
+            {"model": self.model, "overwrite": self.overwrite, "before": self.overwrite_before,
+             "stale": self.regenerate_stale},
         ).rowcount
+
+
+def _wanted_sql(case_id: str, headnote: str, generated_at: str | None) -> str:
+    """SQL: the headnote of the case whose id and headnote are these expressions may be (re)written:
+    it has none; or with %(overwrite)s one generated before %(before)s (by our record, else the
+    source's own `generated_at` column, else never: by hand); or with %(stale)s one flagged stale."""
+    own = f" {generated_at}," if generated_at else ""
+    generated = f"coalesce((SELECT h.generated_at FROM case_headnotes h WHERE h.case_id = {case_id}),{own} NULL)"
+    return (f"({headnote} IS NULL OR (%(overwrite)s AND ({generated} IS NULL OR {generated} < %(before)s))"
+            f" OR (%(stale)s AND EXISTS (SELECT 1 FROM case_headnotes h WHERE h.case_id = {case_id}"
+            "   AND h.stale_since IS NOT NULL)))")
+
+
+def no_headnote_column(source: CaseSource) -> str:
+    return (f"LEGAL_BATCH_SOURCE_HEADNOTE_COLUMN is not set: the headnotes flow writes each headnote into a text "
+            f"column of {source.name}; name one")
+
+
+def flag_stale_headnotes(conn: psycopg.Connection, source: CaseSource | None = None) -> int:
+    """Flag the headnotes (in `case_headnotes`) whose judgment text changed after they were written;
+    they are regenerated only with `regenerate_stale`. Returns how many were flagged now."""
+    source = source or CaseSource()
+    return conn.execute(
+        f"UPDATE case_headnotes h SET stale_since = now() FROM {source.select('id', 'full_text')} AS k"
+        " WHERE k.id = h.case_id AND h.stale_since IS NULL AND h.text_sha256 IS NOT NULL"
+        f"  AND h.text_sha256 <> {source.text_sha256_sql('k')}"
+    ).rowcount
 
 
 DONE_WITHOUT_RESULT_SQL = (
     "SELECT i.subject_key FROM batch_items i JOIN batch_jobs j ON j.id = i.job_id"
-    " JOIN court_cases k ON k.id = i.subject_key::uuid"
-    " WHERE i.flow = 'headnotes' AND i.state = 'done' AND (k.headnote IS NULL"
-    "   OR k.headnote_model IS DISTINCT FROM j.model OR k.headnote_generated_at IS NULL"
-    "   OR k.headnote_generated_at < j.created_at)"
+    " LEFT JOIN case_headnotes h ON h.case_id = i.subject_key::uuid"
+    " WHERE i.flow = 'headnotes' AND i.state = 'done' AND (h.case_id IS NULL"
+    "   OR h.model IS DISTINCT FROM j.model OR h.generated_at < j.created_at)"
 )
-"""Done headnote items whose headnote was not written by their job (for `legal-batch verify`): the
-case has no headnote, or one from another model, or one generated before the job was planned (e.g.
-an overwrite shard ingested without overwrite kept the old one)."""
+"""Done headnote items whose headnote was not written by their job (for `legal-batch verify`): no
+record of one in `case_headnotes`, or one from another model, or one generated before the job was
+planned (e.g. an overwrite shard ingested without overwrite kept the old one)."""
+
+
+def stale_result_sql(source: CaseSource | None = None) -> str:
+    """Headnotes whose judgment changed after they were written (flagged, or found now), one line
+    each, for `legal-batch verify`."""
+    source = source or CaseSource()
+    return (
+        "SELECT h.case_id || ' (' || h.model || '): the judgment changed after its headnote was written'"
+        f" FROM case_headnotes h JOIN {source.select('id', 'full_text')} AS k ON k.id = h.case_id"
+        " WHERE h.stale_since IS NOT NULL"
+        f"  OR (h.text_sha256 IS NOT NULL AND h.text_sha256 <> {source.text_sha256_sql('k')})"
+        " ORDER BY h.case_id"
+    )

@@ -164,14 +164,14 @@ def test_heartbeat_logs_a_long_step_every_ten_seconds():
 def test_an_index_build_reports_its_progress_while_it_runs(lb_env, conn):
     conn.execute("CREATE TABLE progress_probe (v vector(256))")
     conn.execute("INSERT INTO progress_probe SELECT array_agg(random())::vector(256)"
-                 " FROM generate_series(1, 20000) g, generate_series(1, 256) d GROUP BY g")
+                 " FROM generate_series(1, 5000) g, generate_series(1, 256) d GROUP BY g")
     lines: list[str] = []
     url = lb_env.database_url or ""
 
     def second_connection():
         return connect(url)
 
-    with watch_index_build(second_connection, lines.append, table="progress_probe", every_s=0.2):
+    with watch_index_build(second_connection, lines.append, table="progress_probe", every_s=0.1):
         conn.execute("CREATE INDEX ON progress_probe USING hnsw (v vector_cosine_ops)")
     assert lines, "no progress line during the build"
     assert all(line.startswith("building the index on progress_probe: ") for line in lines), lines

@@ -380,7 +380,7 @@ def build_flow_definitions(
         requests: list[dg.RunRequest] = []
         events: list[dg.AssetObservation] = []
         with database.connect() as conn:
-            polled = batch.poll_open_jobs(conn, providers.named, flow=names.flow, max_jobs=50, time_budget_s=40,
+            polled = batch.poll_open_jobs(conn, providers.named, flow=names.flow, time_budget_s=40,
                                           policy=get_settings().quota_policy())
             finished = ledger.list_jobs(conn, flow=names.flow,
                                         states=("completed", "partial", "failed", "cancelled", "expired"))

@@ -29,6 +29,10 @@ def take(page: Page, url: str, shards: dict[str, list[str]], out: Path) -> list[
     page.open(f"{url}/asset-groups")
     page.wait_for_text("template")
     time.sleep(2)
+    page.click_text("Hide navigation")  # room for the graph (kept for the next pages too)
+    page.evaluate("""(() => { const panels = [...document.querySelectorAll('button [aria-label=panel_show_right]')];
+                              panels[panels.length - 1].closest('button').click(); })()""")  # the groups list
+    time.sleep(1)
     page.evaluate("""(() => { const icons = [...document.querySelectorAll('button [aria-label=settings]')];
                               icons[icons.length - 1].closest('button').click(); })()""")  # the graph's settings
     time.sleep(1)

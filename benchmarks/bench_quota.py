@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     BENCH_HOME.mkdir(parents=True, exist_ok=True)
+    started_server = not embedded.is_running(BENCH_HOME)  # stopped again at the end
     admin_url = embedded.start(BENCH_HOME)
     name = f"lb_bench_quota_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as admin:
@@ -346,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if started_server:
+            embedded.stop(BENCH_HOME)
     for key, value in figures.items():
         print(f"{key}={value}")
 

@@ -89,7 +89,9 @@ def bench_pgvector(records: list[VectorRecord], repeat: int) -> dict[str, float]
     from legal_batch.db import connect, embedded, upgrade
     from legal_batch.sinks.pgvector import PgvectorSink
 
-    admin_url = embedded.start(ROOT / ".legal_batch" / "bench")
+    home = ROOT / ".legal_batch" / "bench"
+    started_server = not embedded.is_running(home)  # stopped again at the end
+    admin_url = embedded.start(home)
     name = f"lb_bench_{uuid.uuid4().hex[:8]}_sinks"
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -140,6 +142,8 @@ def bench_pgvector(records: list[VectorRecord], repeat: int) -> dict[str, float]
     finally:
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if started_server:
+            embedded.stop(home)
     return _rates("pgvector", len(records), sink_s, raw_s)
 
 

@@ -93,8 +93,10 @@ def wrong_key(monkeypatch, emulator: OpenAIBatchEmulator) -> None:
 
 
 def requeue_chunks(conn: psycopg.Connection, chunk_index: int) -> None:
-    """Vectors deleted behind the pipeline's back: those chunks are candidates again."""
+    """Vectors deleted behind the pipeline's back, and gone from the vector cache too: those chunks are
+    candidates again and are requested from the provider (not served from the cache)."""
     conn.execute("DELETE FROM case_embeddings WHERE chunk_index = %s", (chunk_index,))
+    conn.execute("DELETE FROM vector_cache")
     conn.execute("UPDATE batch_items SET state = 'retryable', last_error = 'deleted' WHERE subject_key LIKE %s",
                  (f"%:{chunk_index}",))
 

@@ -84,17 +84,19 @@ def build_index_when_loaded(context: dg.AssetExecutionContext, conn: psycopg.Con
     saved = vector_cache.savings(conn, flow=NAMES.flow)
     totals = {"cache_requests_saved_total": saved.requests, "cache_tokens_saved_total": saved.tokens,
               "cache_usd_saved_total": float(saved.usd)}
-    with watch_index_build(database.connect, context.log.info, table="case_embeddings"):
-        seconds = ensure_vector_index(conn, table=VectorTable.from_settings(get_settings()))
+    table = VectorTable.from_settings(get_settings())
+    with watch_index_build(database.connect, context.log.info, table=table.relation):
+        seconds = ensure_vector_index(conn, table=table)
     if seconds is None:
         return totals
-    context.log.info(f"built the HNSW index on case_embeddings in {seconds:.1f} s")
+    context.log.info(f"built the HNSW index on {table.name} in {seconds:.1f} s")
     return {**totals, "hnsw_index_built_seconds": round(seconds, 1)}
 
 
 def table_rows(conn: psycopg.Connection) -> int:
-    """Every vector in case_embeddings (all shards, all models)."""
-    return conn.execute("SELECT count(*) FROM case_embeddings").fetchone()[0]
+    """Every vector in the vector table (case_embeddings or LEGAL_BATCH_EMBEDDINGS_TABLE; all shards, all models)."""
+    relation = VectorTable.from_settings(get_settings()).relation
+    return conn.execute(f"SELECT count(*) FROM {relation}").fetchone()[0]
 
 
 DEFS = build_flow_definitions(
@@ -109,7 +111,7 @@ DEFS = build_flow_definitions(
     sources=[COURT_CASES],
     configured_provider=get_settings().embeddings_provider,
     results_kinds=("postgres", "pgvector"),
-    results_table="case_embeddings",
+    results_table=VectorTable.from_settings(get_settings()).name,
     results_schema=CASE_EMBEDDINGS_SCHEMA,
     table_rows=table_rows,
     descriptions={

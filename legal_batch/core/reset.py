@@ -169,8 +169,9 @@ def apply_reset(conn: psycopg.Connection, plan: ResetPlan, *, source: CaseSource
         removed["items"] = conn.execute("DELETE FROM batch_items WHERE flow = %s", (flow,)).rowcount
         removed["jobs"] = conn.execute("DELETE FROM batch_jobs WHERE flow = %s", (flow,)).rowcount
         if flow == "embeddings":
+            relation = table.relation
             removed["vectors"] = conn.execute(
-                f"DELETE FROM {table.relation} WHERE %s OR model = ANY(%s::text[])",
+                f"DELETE FROM {relation} WHERE %s OR model = ANY(%s::text[])",
                 (plan.whole_table, plan.vector_models)).rowcount
             removed["chunks"] = conn.execute("DELETE FROM case_chunks").rowcount
             conn.execute("DELETE FROM chunked_cases")
@@ -190,11 +191,11 @@ def apply_reset(conn: psycopg.Connection, plan: ResetPlan, *, source: CaseSource
 
 def _clear_headnotes(conn: psycopg.Connection, source: CaseSource) -> int:
     """Clear the headnotes this flow wrote (recorded in `case_headnotes`) from the source."""
-    headnote, case_id = source.column("headnote"), source.column("id")
+    headnote, id_column, relation = source.column("headnote"), source.column("id"), source.relation
     if headnote is not None:
         own = ", headnote_model = NULL, headnote_generated_at = NULL, updated_at = now()" if source.builtin else ""
-        conn.execute(f"UPDATE {source.relation} t SET {headnote} = NULL{own} FROM case_headnotes h"
-                     f" WHERE t.{case_id} = h.case_id")
+        clause = f"{headnote} = NULL{own}"
+        conn.execute(f"UPDATE {relation} t SET {clause} FROM case_headnotes h WHERE t.{id_column} = h.case_id")
     return conn.execute("DELETE FROM case_headnotes").rowcount
 
 

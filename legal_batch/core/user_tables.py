@@ -257,9 +257,9 @@ def check_source(conn: psycopg.Connection, source: CaseSource) -> None:
                             f"{setting} to a column of that type")
     id_column = source.columns["id"]
     if not _unique_on(conn, source.relation, [id_column]):
-        duplicate = conn.execute(
-            f"SELECT {_quote(id_column)}::text, count(*) FROM {source.relation} WHERE {_quote(id_column)} IS NOT NULL"
-            f" GROUP BY 1 HAVING count(*) > 1 LIMIT 1").fetchone()
+        column, relation = _quote(id_column), source.relation
+        duplicate = conn.execute(f"SELECT {column}::text, count(*) FROM {relation} WHERE {column} IS NOT NULL"
+                                 " GROUP BY 1 HAVING count(*) > 1 LIMIT 1").fetchone()
         if duplicate is not None:
             raise UserError(f"LEGAL_BATCH_SOURCE_ID_COLUMN={id_column}: {source.name}.{id_column} is not unique "
                             f"({duplicate[1]} rows have id {duplicate[0]}); name a column whose values are unique")
@@ -307,21 +307,23 @@ def check_vector_table(conn: psycopg.Connection, table: VectorTable) -> None:
         raise UserError(f"{setting}={table.table}: {where} has no primary key or unique index on (case_id, "
                         "chunk_index, model), which writing vectors again (upsert) needs; add one, or set "
                         f"{setting} to a table that does not exist yet and it is created so")
+    relation, dimensions = table.relation, table.dimensions
     kind = columns["embedding"].type
     declared = int(kind[kind.index("(") + 1:-1]) if "(" in kind else None
     if declared == table.dimensions:
         return
     if declared is None:  # a vector column of any size: look at what it holds
-        held = conn.execute(f"SELECT DISTINCT vector_dims(embedding) FROM (SELECT embedding FROM {table.relation}"
+        held = conn.execute(f"SELECT DISTINCT vector_dims(embedding) FROM (SELECT embedding FROM {relation}"
                             " LIMIT 1000) AS sample").fetchall()
         if all(dims == table.dimensions for (dims,) in held):
             return
         declared = next(dims for (dims,) in held if dims != table.dimensions)
     ours = table.owned(conn)
     if ours and columns["embedding"].type != "vector" and conn.execute(
-            f"SELECT NOT EXISTS (SELECT 1 FROM {table.relation})").fetchone()[0]:
-        conn.execute(f"DROP VIEW IF EXISTS {_sink_view(conn)}")
-        conn.execute(f"ALTER TABLE {table.relation} ALTER COLUMN embedding TYPE vector({table.dimensions})")
+            f"SELECT NOT EXISTS (SELECT 1 FROM {relation})").fetchone()[0]:
+        view = _sink_view(conn)
+        conn.execute(f"DROP VIEW IF EXISTS {view}")
+        conn.execute(f"ALTER TABLE {relation} ALTER COLUMN embedding TYPE vector({dimensions})")
         return
     fix = (f"set LEGAL_BATCH_EMBEDDING_DIMENSIONS={declared} (the size it holds), or {setting} to a table that "
            f"does not exist yet (it is created with vector({table.dimensions}))")
@@ -343,10 +345,51 @@ def install_sink_view(conn: psycopg.Connection, table: VectorTable) -> None:
     current = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", (view,)).fetchone()[0]
     if current == fingerprint:
         return
+    relation = table.relation
     conn.execute(f"DROP VIEW IF EXISTS {view}")
-    conn.execute(f"CREATE VIEW {view} AS SELECT case_id, chunk_index, model, embedding, text_sha256"
-                 f" FROM {table.relation}")
+    conn.execute(f"CREATE VIEW {view} AS SELECT case_id, chunk_index, model, embedding, text_sha256 FROM {relation}")
     conn.execute(sql.SQL("COMMENT ON VIEW {} IS {}").format(sql.SQL(view), sql.Literal(fingerprint)))
+
+
+MODEL_DIMENSIONS: dict[str, tuple[int, ...]] = {
+    "amazon.titan-embed-text-v2:0": (256, 512, 1024),
+    "text-embedding-3-small": (512, 1024, 1536),
+    "text-embedding-3-large": (256, 512, 1024, 1536, 3072),
+}
+"""Vector sizes the embedding models make (text-embedding-3 shortens to any size up to its own:
+1,536 or 3,072; these are the usual ones)."""
+_MODEL_MAX = {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072}
+
+
+def _embedding_model(settings) -> str | None:
+    """The configured embedding model, else the configured provider's default (known without a client)."""
+    if settings.embedding_model:
+        return settings.embedding_model
+    if settings.embeddings_provider == "bedrock":
+        from legal_batch.providers.bedrock import DEFAULT_EMBEDDING_MODEL
+
+        return DEFAULT_EMBEDDING_MODEL
+    if settings.embeddings_provider == "openai":
+        from legal_batch.providers.openai import OpenAIProvider
+
+        return OpenAIProvider.DEFAULT_MODELS["embeddings"]
+    return None
+
+
+def check_dimensions(settings) -> None:
+    """A `UserError` when the embedding model cannot make vectors of `LEGAL_BATCH_EMBEDDING_DIMENSIONS`."""
+    model = _embedding_model(settings)
+    name = (model or "").split("/")[-1]
+    sizes, dims = MODEL_DIMENSIONS.get(name), settings.embedding_dimensions
+    if sizes is None:
+        return
+    largest = _MODEL_MAX.get(name)
+    if dims in sizes or (largest is not None and dims <= largest):
+        return
+    shown = ", ".join(str(size) for size in sizes)
+    limit = f"at most {largest:,} dimensions" if largest else f"vectors of {shown} dimensions only"
+    raise UserError(f"LEGAL_BATCH_EMBEDDING_DIMENSIONS={dims}: {model} makes {limit}; set "
+                    f"LEGAL_BATCH_EMBEDDING_DIMENSIONS to one of {shown}")
 
 
 def tables_key(settings) -> tuple:
@@ -360,6 +403,7 @@ def check_tables(conn: psycopg.Connection, settings) -> tuple[CaseSource, Vector
     """The start-up check of the source and the vector table the settings name (see the module
     docstring); creates or resizes the vector table where it may and points `embedding_sink` at it.
     Raises `UserError`; nothing is written when it does."""
+    check_dimensions(settings)
     source = CaseSource.from_settings(settings)
     vectors = VectorTable.from_settings(settings)
     with conn.transaction():

@@ -173,9 +173,23 @@ SQL_FRAGMENTS = {
     # lower-case names that hold SQL built by the code itself, never a value
     "sql": "a flow's candidate / request SQL (code), run with its own parameters",
     "assignments": "ledger.update_job: `column = %(column)s` for column names checked against JobRow",
-    "table": "EmbeddingSink: its own staging table name",
+    "table": "EmbeddingSink / vector_cache: its own staging table, or the vector table (a relation, below)",
     "columns": "EmbeddingSink: its own column list",
     "dimensions": "an int from settings, in a column type (vector(N))",
+    "relation": "a table of ours, or the one the settings name (LEGAL_BATCH_SOURCE_TABLE, "
+                "LEGAL_BATCH_EMBEDDINGS_TABLE), each part quoted as an identifier (core/user_tables.py)",
+    "cases": "CaseSource.select(): a subquery of the source's columns, quoted as identifiers",
+    "column": "a column the settings name, quoted as an identifier",
+    "id_column": "the source's id column, quoted as an identifier",
+    "text_column": "the source's text column, quoted as an identifier",
+    "view": "our embedding_sink view, qualified with our schema (quoted)",
+    "text_hash": "the sha256 expression of a text column (CaseSource.text_sha256_sql)",
+    "headnote_hash": "the sha256 expression of the headnote column",
+    "clause": "a condition or assignment list built by the code from the fragments above, no values",
+    "condition": "headnotes: whether a case's headnote may be written (_wanted_sql, from quoted columns)",
+    "distance": "search: the cosine distance of the vector column and the query parameter (halfvec(N) above "
+                "2,000 dimensions)",
+    "subjects_sql": "ledger.record_served_subjects: a SELECT of subjects built by the code (vector_cache.serve)",
 }
 
 

@@ -196,6 +196,16 @@ def test_a_table_or_column_that_cannot_be_used_is_one_line_and_nothing_is_writte
     nothing_written(conn)
 
 
+@pytest.mark.parametrize(("model", "dims", "expected"), [
+    ("text-embedding-3-small", "2048", "text-embedding-3-small makes at most 1,536 dimensions"),
+    ("amazon.titan-embed-text-v2:0", "768", "amazon.titan-embed-text-v2:0 makes vectors of 256, 512, 1024"),
+])
+def test_a_dimension_the_model_cannot_make_is_one_line(cli_env, conn, capsys, monkeypatch, model, dims, expected):
+    code, _, err = run_main(capsys, monkeypatch, "jobs", LEGAL_BATCH_EMBEDDING_MODEL=model,
+                            LEGAL_BATCH_EMBEDDING_DIMENSIONS=dims)
+    assert_one_line(code, err, f"LEGAL_BATCH_EMBEDDING_DIMENSIONS={dims}", expected)
+
+
 def test_our_own_table_of_another_dimension_says_how_to_reset_it(cli_env, conn, capsys, monkeypatch):
     conn.execute("INSERT INTO court_cases (id, full_text) VALUES (%s, 'x')", (uuid.uuid4(),))
     conn.execute("INSERT INTO case_chunks VALUES ((SELECT id FROM court_cases), 0, 'body', 'x', 0, 1, 1, 'h')")

@@ -99,16 +99,16 @@ def sync_chunks(conn: psycopg.Connection, *, max_tokens: int, overlap_tokens: in
     result = ChunkSync()
     result.removed_cases, deferred_removals = _remove_deleted_cases(conn, source, table)
     result.deferred += deferred_removals
-    limit = (f" AND k.id IN (SELECT id FROM {source.select('id')} AS s ORDER BY id LIMIT %(limit)s)"
-             if limit_cases is not None else "")
+    clause = (f" AND k.id IN (SELECT id FROM {source.select('id')} AS s ORDER BY id LIMIT %(limit)s)"
+              if limit_cases is not None else "")
+    cases, text_hash, headnote_hash = (source.select("id", "full_text", "headnote"), source.text_sha256_sql("k"),
+                                       _headnote_sha256_sql("k"))
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS chunk_work (case_id uuid PRIMARY KEY)")
     conn.execute("TRUNCATE chunk_work")
     conn.execute(
-        "INSERT INTO chunk_work (case_id)"
-        f" SELECT k.id FROM {source.select('id', 'full_text', 'headnote')} AS k"
-        " LEFT JOIN chunked_cases s ON s.case_id = k.id"
-        f" WHERE (s.case_id IS NULL OR s.text_sha256 <> {source.text_sha256_sql('k')}"
-        f"        OR s.headnote_sha256 IS DISTINCT FROM {_headnote_sha256_sql('k')}){limit}",
+        f"INSERT INTO chunk_work (case_id) SELECT k.id FROM {cases} AS k LEFT JOIN chunked_cases s ON s.case_id = k.id"
+        f" WHERE (s.case_id IS NULL OR s.text_sha256 <> {text_hash}"
+        f"        OR s.headnote_sha256 IS DISTINCT FROM {headnote_hash}){clause}",
         {"limit": limit_cases},
     )
     while True:
@@ -164,9 +164,10 @@ class _Old:
 def _chunk_batch(conn: psycopg.Connection, ids: list[str], *, source: CaseSource, table: VectorTable,
                  cache: CacheKey | None, max_tokens: int, overlap_tokens: int, result: ChunkSync) -> int:
     """Chunk one batch of cases (inside the caller's transaction); returns the cases looked at."""
+    cases = source.select("id", "full_text", "headnote")
     rows = conn.execute(
         "SELECT k.id::text, k.full_text, k.headnote, s.text_sha256, s.headnote_sha256, s.case_id IS NOT NULL"
-        f" FROM {source.select('id', 'full_text', 'headnote')} AS k LEFT JOIN chunked_cases s ON s.case_id = k.id"
+        f" FROM {cases} AS k LEFT JOIN chunked_cases s ON s.case_id = k.id"
         " WHERE k.id = ANY(%s::uuid[]) ORDER BY k.id",
         (ids,),
     ).fetchall()
@@ -300,13 +301,14 @@ def _remove_deleted_cases(conn: psycopg.Connection, source: CaseSource, table: V
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHUNK_LOCK,))
         ledger.lock_planning(conn, FLOW)
-        if not conn.execute(f"SELECT EXISTS (SELECT 1 FROM {source.select('id')} AS k)").fetchone()[0]:
+        cases = source.select("id")
+        if not conn.execute(f"SELECT EXISTS (SELECT 1 FROM {cases} AS k)").fetchone()[0]:
             return 0, 0
         missing = conn.execute(
             "SELECT c.case_id::text, EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %s"
             "   AND i.state IN ('exported', 'submitted') AND i.subject_key LIKE c.case_id::text || ':%%')"
             " FROM (SELECT case_id FROM chunked_cases UNION SELECT DISTINCT case_id FROM case_chunks) AS c"
-            f" WHERE NOT EXISTS (SELECT 1 FROM {source.select('id')} AS k WHERE k.id = c.case_id)", (FLOW,)).fetchall()
+            f" WHERE NOT EXISTS (SELECT 1 FROM {cases} AS k WHERE k.id = c.case_id)", (FLOW,)).fetchall()
         removed = [case_id for case_id, in_flight in missing if not in_flight]
         if removed:
             keys = conn.execute("SELECT case_id::text, chunk_index FROM case_chunks WHERE case_id = ANY(%s::uuid[])",
@@ -333,11 +335,11 @@ def flag_stale_headnotes(conn: psycopg.Connection, changed: list[tuple[str, str]
 def has_unchunked_cases(conn: psycopg.Connection, source: CaseSource | None = None) -> bool:
     """Cheap (no hashing): a case of the source never chunked, or a chunked case gone from it. Edited
     cases are found by the next chunking pass."""
-    source = source or CaseSource()
+    cases = (source or CaseSource()).select("id")
     return bool(conn.execute(
-        f"SELECT EXISTS (SELECT 1 FROM {source.select('id')} AS k WHERE NOT EXISTS"
+        f"SELECT EXISTS (SELECT 1 FROM {cases} AS k WHERE NOT EXISTS"
         "  (SELECT 1 FROM chunked_cases s WHERE s.case_id = k.id))"
-        f" OR EXISTS (SELECT 1 FROM chunked_cases s WHERE NOT EXISTS (SELECT 1 FROM {source.select('id')} AS k"
+        f" OR EXISTS (SELECT 1 FROM chunked_cases s WHERE NOT EXISTS (SELECT 1 FROM {cases} AS k"
         "  WHERE k.id = s.case_id))"
     ).fetchone()[0])
 
@@ -390,12 +392,13 @@ class EmbeddingsFlow:
         """Chunks with no vector (of this model) and no open or failed item, one per distinct text:
         none whose text is in flight in another item (it is served from the vector cache when that
         item's result is ingested) or already in the cache (served before planning)."""
-        cached = ("" if self.provider is None else
+        clause = ("" if self.provider is None else
                   "   AND NOT EXISTS (SELECT 1 FROM vector_cache v WHERE v.provider = %(provider)s"
                   "                   AND v.model = %(model)s AND v.dimensions = %(dims)s"
                   "                   AND v.text_sha256 = c.text_sha256)")
-        limit = (f" AND c.case_id IN (SELECT id FROM {self.source.select('id')} AS k ORDER BY id LIMIT %(limit)s)"
-                 if self.limit_cases is not None else "")
+        if self.limit_cases is not None:
+            clause += f" AND c.case_id IN (SELECT id FROM {self.source.select('id')} AS k ORDER BY id LIMIT %(limit)s)"
+        relation = self.table.relation
         sql = (
             "WITH in_flight AS (SELECT DISTINCT o.text_sha256 FROM batch_items i JOIN case_chunks o"
             "   ON o.case_id = split_part(i.subject_key, ':', 1)::uuid"
@@ -407,13 +410,13 @@ class EmbeddingsFlow:
             "   'chunk-' || c.case_id || '-' || c.chunk_index AS custom_id,"
             "   c.token_count AS tokens, octet_length(c.chunk_text) + 300 AS size_bytes"
             "  FROM case_chunks c"
-            f" WHERE NOT EXISTS (SELECT 1 FROM {self.table.relation} e WHERE e.case_id = c.case_id"
+            f" WHERE NOT EXISTS (SELECT 1 FROM {relation} e WHERE e.case_id = c.case_id"
             "                   AND e.chunk_index = c.chunk_index AND e.model = %(model)s)"
             "   AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %(flow)s"
             "                   AND i.subject_key = c.case_id::text || ':' || c.chunk_index"
             "                   AND i.state IN ('exported', 'submitted', 'failed'))"
             "   AND NOT EXISTS (SELECT 1 FROM in_flight f WHERE f.text_sha256 = c.text_sha256)"
-            f"{cached}{limit}"
+            f"{clause}"
             "  ORDER BY c.text_sha256, c.case_id, c.chunk_index) AS c"
             " ORDER BY c.case_id, c.chunk_index"
         )
@@ -534,12 +537,12 @@ class EmbeddingSink:
                     if self._any_exists(cur, case_ids, chunk_indexes):
                         self._copy(cur, "stage_embeddings", block, case_ids, chunk_indexes, model=None,
                                    hashes=hashes)
-                        refreshed = ", created_at = now()" if self._created_at else ""
+                        table, clause = self.table, ", created_at = now()" if self._created_at else ""
                         cur.execute(
-                            f"INSERT INTO {self.table} (case_id, chunk_index, model, embedding, text_sha256)"
+                            f"INSERT INTO {table} (case_id, chunk_index, model, embedding, text_sha256)"
                             " SELECT case_id, chunk_index, %s, embedding, text_sha256 FROM stage_embeddings"
                             " ON CONFLICT (case_id, chunk_index, model) DO UPDATE"
-                            f" SET embedding = excluded.embedding, text_sha256 = excluded.text_sha256{refreshed}",
+                            f" SET embedding = excluded.embedding, text_sha256 = excluded.text_sha256{clause}",
                             (self.model,),
                         )
                         self.rows += cur.rowcount
@@ -568,8 +571,9 @@ class EmbeddingSink:
         return None if any(sha is None or len(sha) != 64 for sha in hashes) else hashes  # type: ignore[return-value]
 
     def _any_exists(self, cur: psycopg.Cursor, case_ids: list[str], chunk_indexes: list[int]) -> bool:
+        table = self.table
         return bool(cur.execute(
-            f"SELECT EXISTS (SELECT 1 FROM {self.table} e"
+            f"SELECT EXISTS (SELECT 1 FROM {table} e"
             " JOIN unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index) USING (case_id, chunk_index)"
             " WHERE e.model = %s)",
             (case_ids, chunk_indexes, self.model),

@@ -29,16 +29,17 @@ def search(conn: psycopg.Connection, query_vector: np.ndarray, *, model: str, k:
     dimensions the distance is taken on `halfvec`, as the index is built."""
     source = source or CaseSource()
     dims = int(query_vector.shape[0])
-    embedding, query = ("e.embedding", "%(q)s") if dims <= HNSW_MAX_DIMENSIONS else (
-        f"e.embedding::halfvec({dims})", f"%(q)s::halfvec({dims})")
+    distance = "e.embedding <=> %(q)s" if dims <= HNSW_MAX_DIMENSIONS else (
+        f"e.embedding::halfvec({dims}) <=> %(q)s::halfvec({dims})")
+    cases = source.select("id", "case_name", "neutral_citation", "court")
     conn.execute("SET hnsw.ef_search = 100")
     rows = conn.execute(
-        f"SELECT 1 - ({embedding} <=> {query}) AS score, k.case_name, k.neutral_citation, k.court, c.chunk_index,"
+        f"SELECT 1 - ({distance}) AS score, k.case_name, k.neutral_citation, k.court, c.chunk_index,"
         "       c.chunk_type, c.chunk_text"
         " FROM embedding_sink e"
         " JOIN case_chunks c ON c.case_id = e.case_id AND c.chunk_index = e.chunk_index"
-        f" JOIN {source.select('id', 'case_name', 'neutral_citation', 'court')} AS k ON k.id = e.case_id"
-        f" WHERE e.model = %(model)s ORDER BY {embedding} <=> {query} LIMIT %(k)s",
+        f" JOIN {cases} AS k ON k.id = e.case_id"
+        f" WHERE e.model = %(model)s ORDER BY {distance} LIMIT %(k)s",
         {"q": query_vector.astype(np.float32), "model": model, "k": k},
     ).fetchall()
     return [Hit(float(r[0]), r[1] or "", r[2] or "", r[3] or "", r[4], r[5], r[6]) for r in rows]

@@ -112,8 +112,9 @@ def estimate_candidates(context: dg.AssetExecutionContext, conn: psycopg.Connect
     if notice:
         context.log.warning(notice)
     totals = ledger.summary(conn, NAMES.flow)
+    cases = flow.source.select("id", "full_text", "headnote")
     without_text = conn.execute(
-        f"SELECT count(*) FROM {flow.source.select('id', 'full_text', 'headnote')} AS k"
+        f"SELECT count(*) FROM {cases} AS k"
         " WHERE headnote IS NULL AND (full_text IS NULL OR btrim(full_text) = '')"
     ).fetchone()[0]
     stale = conn.execute("SELECT count(*) FROM case_headnotes WHERE stale_since IS NOT NULL").fetchone()[0]
@@ -145,8 +146,8 @@ def estimate_candidates(context: dg.AssetExecutionContext, conn: psycopg.Connect
 
 def table_rows(conn: psycopg.Connection) -> int:
     """Cases of the source that have a headnote (generated or loaded)."""
-    source = CaseSource.from_settings(get_settings())
-    return conn.execute(f"SELECT count(*) FROM {source.select('id', 'headnote')} AS k"
+    cases = CaseSource.from_settings(get_settings()).select("id", "headnote")
+    return conn.execute(f"SELECT count(*) FROM {cases} AS k"
                         " WHERE headnote IS NOT NULL").fetchone()[0]
 
 

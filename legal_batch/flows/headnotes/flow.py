@@ -306,6 +306,8 @@ class HeadnotesFlow:
         judgment (at most `max_chars`), capped at `max_input_tokens` when the request is cut to it."""
         fixed_tokens, fixed_bytes = self._fixed_overhead()
         max_input = self.max_input_tokens if self.max_input_tokens is not None else 2**31 - 1
+        cases = self.source.select(*_CANDIDATE_COLUMNS[self.source.builtin])
+        condition = _wanted_sql("k.id", "k.headnote", "k.headnote_generated_at" if self.source.builtin else None)
         sql = (
             "WITH examples AS (SELECT coalesce(sum(octet_length(e.headnote_text)), %(built_in_bytes)s) AS bytes"
             "   FROM (SELECT headnote_text FROM headnote_corpus WHERE btrim(headnote_text) <> ''"
@@ -314,9 +316,9 @@ class HeadnotesFlow:
             "   least(%(fixed_tokens)s + ceil((x.bytes + least(char_length(k.full_text), %(max_chars)s))::numeric"
             "         / %(chars_per_token)s)::int, %(max_input)s),"
             "   %(fixed_bytes)s + ((x.bytes + octet_length(left(k.full_text, %(max_chars)s))) * 11) / 10"
-            f" FROM {self.source.select(*_CANDIDATE_COLUMNS[self.source.builtin])} AS k CROSS JOIN examples x"
+            f" FROM {cases} AS k CROSS JOIN examples x"
             " WHERE k.full_text IS NOT NULL AND btrim(k.full_text) <> ''"
-            f"   AND {_wanted_sql('k.id', 'k.headnote', 'k.headnote_generated_at' if self.source.builtin else None)}"
+            f"   AND {condition}"
             "   AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %(flow)s AND i.subject_key = k.id::text"
             "                   AND i.state IN ('exported', 'submitted', 'failed'))"
         )
@@ -353,11 +355,12 @@ class HeadnotesFlow:
         created = conn.execute("SELECT created_at FROM batch_jobs WHERE id = %s", (job_id,)).fetchone()
         examples = few_shot_examples(conn, count=self.few_shot, created_before=created[0] if created else None)
         system = system_prompt(examples, self.prompt)
+        cases = self.source.select()
         with conn.cursor(name=f"headnote_requests_{job_id}") as cur:
             cur.itersize = 100  # judgments reach 200 KB each
             cur.execute(
                 "SELECT i.custom_id, k.neutral_citation, k.case_name, k.court, k.decision_date, k.full_text"
-                f" FROM batch_items i JOIN {self.source.select()} AS k ON k.id = i.subject_key::uuid"
+                f" FROM batch_items i JOIN {cases} AS k ON k.id = i.subject_key::uuid"
                 " WHERE i.job_id = %s AND i.state IN ('exported', 'submitted') ORDER BY i.id",
                 (job_id,),
             )
@@ -446,19 +449,21 @@ class HeadnoteSink:
         if self._batch:
             self._flush()
         source = self.source
-        headnote, case_id, text = source.column("headnote"), source.column("id"), source.column("full_text")
+        headnote, id_column, text_column = source.column("headnote"), source.column("id"), source.column("full_text")
         if headnote is None:
             raise UserError(no_headnote_column(source))
         own = (", headnote_model = %(model)s, headnote_generated_at = now(), updated_at = now()"
                if source.builtin else "")
+        relation, clause = source.relation, f"{headnote} = s.headnote{own}"
+        condition = _wanted_sql(f"t.{id_column}", f"t.{headnote}", "t.headnote_generated_at" if source.builtin else None)
+        text_hash = source.text_sha256_sql("written")
         return self.conn.execute(
-            f"WITH written AS (UPDATE {source.relation} t SET {headnote} = s.headnote{own}"
+            f"WITH written AS (UPDATE {relation} t SET {clause}"
             "  FROM (SELECT DISTINCT ON (case_id) case_id, headnote FROM stage_headnotes) s"
-            f" WHERE t.{case_id} = s.case_id"
-            f" AND {_wanted_sql(f't.{case_id}', f't.{headnote}', 't.headnote_generated_at' if source.builtin else None)}"
-            f" RETURNING t.{case_id} AS case_id, t.{text} AS full_text)"
+            f" WHERE t.{id_column} = s.case_id AND {condition}"
+            f" RETURNING t.{id_column} AS case_id, t.{text_column} AS full_text)"
             " INSERT INTO case_headnotes (case_id, model, generated_at, text_sha256)"
-            f" SELECT case_id, %(model)s, now(), {source.text_sha256_sql('written')} FROM written"
+            f" SELECT case_id, %(model)s, now(), {text_hash} FROM written"
             " ON CONFLICT (case_id) DO UPDATE SET model = excluded.model, generated_at = excluded.generated_at,"
             "  text_sha256 = excluded.text_sha256, stale_since = NULL",
             {"model": self.model, "overwrite": self.overwrite, "before": self.overwrite_before,
@@ -486,10 +491,11 @@ def flag_stale_headnotes(conn: psycopg.Connection, source: CaseSource | None = N
     """Flag the headnotes (in `case_headnotes`) whose judgment text changed after they were written;
     they are regenerated only with `regenerate_stale`. Returns how many were flagged now."""
     source = source or CaseSource()
+    cases, text_hash = source.select("id", "full_text"), source.text_sha256_sql("k")
     return conn.execute(
-        f"UPDATE case_headnotes h SET stale_since = now() FROM {source.select('id', 'full_text')} AS k"
+        f"UPDATE case_headnotes h SET stale_since = now() FROM {cases} AS k"
         " WHERE k.id = h.case_id AND h.stale_since IS NULL AND h.text_sha256 IS NOT NULL"
-        f"  AND h.text_sha256 <> {source.text_sha256_sql('k')}"
+        f"  AND h.text_sha256 <> {text_hash}"
     ).rowcount
 
 

@@ -17,6 +17,9 @@
    whose text was not there before, counted from the tables (they must be equal);
    `change_pass_s` and `change_pass_mb_per_s` are a chunking pass over the unchanged corpus (hashing
    every judgment in Postgres): what finding the edits costs each run.
+3. ingest: one shard of `--ingest-cases` (600) demo judgments ingested with the cache filled (the
+   flow knows its provider, as in the pipeline) and without, `--repeat` (2) times each, fastest
+   counts: `ingest_with_vs_without_cache` is what writing each vector a second time costs.
 
 Runs in this process on a throwaway database of the embedded server under `.legal_batch/bench`
 (dropped at the end), through the same functions the assets call (`sync_chunks`, the vector cache,
@@ -224,6 +227,49 @@ def run_change(bench: Bench, args: argparse.Namespace) -> Figures:
     return figures
 
 
+def run_ingest(bench: Bench, args: argparse.Namespace) -> Figures:
+    """What filling the cache costs at ingest: one shard of `--ingest-cases` demo judgments ingested
+    with the cache (the flow knows its provider) and without, alternately, `--repeat` times each; the
+    fastest of each counts."""
+    from dataclasses import replace
+
+    from legal_batch.core import batch, ledger
+    from legal_batch.core.seed import seed_demo_cases
+    from legal_batch.flows.embeddings.flow import EmbeddingsFlow, sync_chunks
+    from legal_batch.providers.local import LocalProvider
+    from legal_batch.settings import get_settings
+
+    best: dict[str, float] = {}
+    vectors = 0
+    for attempt in range(args.repeat):
+        for label, provider_name in (("without", None), ("with", "local")):
+            os.environ["LEGAL_BATCH_DATABASE_URL"] = bench.database(f"ingest_{label}_{attempt}", migrate=True)
+            _tables()
+            settings = get_settings(fresh=True)
+            with _conn() as conn:
+                seed_demo_cases(conn, cases=args.ingest_cases)
+                sync_chunks(conn, max_tokens=settings.chunk_max_tokens, overlap_tokens=settings.chunk_overlap_tokens)
+                provider = LocalProvider(settings.home_dir / f"local_provider_{label}_{attempt}")
+                provider.limits = replace(provider.limits, max_records_per_job=10**6, max_embedding_inputs_per_job=None,
+                                          max_bytes_per_file=1 << 40)
+                flow = EmbeddingsFlow(model=provider.default_model("embeddings"), provider=provider_name)
+                (key,) = batch.plan(conn, flow, provider, model=flow.model).shard_keys
+                files = settings.home_dir / f"files_{label}_{attempt}"
+                batch.write_request_file(conn, flow, provider, key, files_root=files)
+                batch.submit_shard(conn, flow, provider, key, files_root=files)
+                while ledger.get_job(conn, key).state != "completed":
+                    batch.poll_open_jobs(conn, lambda _, p=provider: p, flow="embeddings")
+                outputs = batch.download_outputs(conn, provider, key, files_root=files)
+                started = time.perf_counter()
+                vectors = batch.ingest_shard(conn, flow, provider, key, files=outputs).done
+                seconds = time.perf_counter() - started
+                best[label] = min(best.get(label, float("inf")), seconds)
+    return {"ingest_vectors": vectors,
+            "ingest_without_cache_vectors_per_s": round(vectors / best["without"]),
+            "ingest_with_cache_vectors_per_s": round(vectors / best["with"]),
+            "ingest_with_vs_without_cache": round(best["without"] / best["with"], 3)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat-fraction", type=float, default=0.3)
     parser.add_argument("--change-cases", type=int, default=1000)
     parser.add_argument("--edit-fraction", type=float, default=0.01)
-    parser.add_argument("--stages", default="dedup,change")
+    parser.add_argument("--ingest-cases", type=int, default=600)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--stages", default="dedup,change,ingest")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     bench = Bench(keep=args.keep)
@@ -249,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
         if "change" in stages:
             log(f"change: {args.change_cases} demo cases, {args.edit_fraction:.0%} edited")
             figures.update(run_change(bench, args))
+        if "ingest" in stages:
+            log(f"ingest: {args.ingest_cases} demo cases in one shard, with and without the cache")
+            figures.update(run_ingest(bench, args))
     finally:
         bench.close()
     figures["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)

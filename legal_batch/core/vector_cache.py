@@ -49,7 +49,7 @@ def fill(conn: psycopg.Connection, key: CacheKey, *, table: str, case_ids: Seque
     already cached keeps its first vector. Returns the vectors added."""
     return conn.execute(
         "INSERT INTO vector_cache (provider, model, dimensions, text_sha256, embedding)"
-        " SELECT DISTINCT ON (e.text_sha256) %s, %s, %s, e.text_sha256, e.embedding"
+        " SELECT %s, %s, %s, e.text_sha256, e.embedding"
         f" FROM {table} e JOIN unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index)"
         "   ON e.case_id = k.case_id AND e.chunk_index = k.chunk_index"
         " WHERE e.model = %s AND e.text_sha256 IS NOT NULL"
@@ -86,14 +86,17 @@ def serve(conn: psycopg.Connection, key: CacheKey, *, table: str, flow: str = "e
     params = {"provider": key.provider, "model": key.model, "dims": key.dimensions, "flow": flow,
               "cases": None if case_ids is None else list(case_ids),
               "hashes": None if hashes is None else list(hashes)}
+    # the chunks to look at, as a join the planner sizes from the list (not `= ANY` rechecked per row)
+    chunks = ("(SELECT c.* FROM unnest(%(hashes)s::text[]) AS w (text_sha256) JOIN case_chunks c"
+              " ON c.text_sha256 = w.text_sha256)" if hashes is not None else
+              "(SELECT c.* FROM unnest(%(cases)s::uuid[]) AS w (case_id) JOIN case_chunks c ON c.case_id = w.case_id)"
+              if case_ids is not None else "case_chunks")
     found = conn.execute(
         "INSERT INTO cache_hits (case_id, chunk_index, tokens, text_sha256)"
-        " SELECT c.case_id, c.chunk_index, c.token_count, c.text_sha256 FROM case_chunks c"
+        f" SELECT c.case_id, c.chunk_index, c.token_count, c.text_sha256 FROM {chunks} AS c"
         " JOIN vector_cache v ON v.provider = %(provider)s AND v.model = %(model)s AND v.dimensions = %(dims)s"
         "  AND v.text_sha256 = c.text_sha256"
-        " WHERE (%(cases)s::uuid[] IS NULL OR c.case_id = ANY(%(cases)s::uuid[]))"
-        "   AND (%(hashes)s::text[] IS NULL OR c.text_sha256 = ANY(%(hashes)s::text[]))"
-        f"  AND NOT EXISTS (SELECT 1 FROM {table} e WHERE e.case_id = c.case_id AND e.chunk_index = c.chunk_index"
+        f" WHERE NOT EXISTS (SELECT 1 FROM {table} e WHERE e.case_id = c.case_id AND e.chunk_index = c.chunk_index"
         "                  AND e.model = %(model)s)"
         "   AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %(flow)s"
         "                  AND i.subject_key = c.case_id::text || ':' || c.chunk_index"

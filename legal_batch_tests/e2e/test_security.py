@@ -190,6 +190,7 @@ SQL_FRAGMENTS = {
     "distance": "search: the cosine distance of the vector column and the query parameter (halfvec(N) above "
                 "2,000 dimensions)",
     "subjects_sql": "ledger.record_served_subjects: a SELECT of subjects built by the code (vector_cache.serve)",
+    "chunks": "vector_cache.serve: case_chunks, or its rows for ids or hashes passed as parameters",
 }
 
 

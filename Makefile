@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export LEGAL_BATCH_HOME ?= $(CURDIR)/.legal_batch
 
-.PHONY: install demo test bench dev ui-check lint db-stop clean
+.PHONY: install demo demo-receipts test bench dev ui-check lint db-stop clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "legal_batch needs Python 3.11 or newer (set PYTHON=...)")'
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/legal-batch demo run
+
+# The receipt-line example: DynamoDB (moto's server, here) → batch embeddings → Chroma, statuses written back
+demo-receipts: $(STAMP)
+	$(BIN)/python -m legal_batch_tests.demos.receipt_lines
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -290,6 +290,42 @@ def _plan_config(flow: str, overwritable: bool, overwrite: bool) -> dict:
     return {"overwrite": True, "overwrite_before": datetime.now(UTC).isoformat()}
 
 
+_SINK_OPTION = typer.Option(
+    "--sink", metavar="NAMES", help="Vector sinks for the shards this command plans, a comma list of "
+    f"{', '.join(sink_names())} (default: LEGAL_BATCH_EMBEDDINGS_SINKS, pgvector).")
+_SOURCE_OPTION = typer.Option(
+    "--source", metavar="NAME", help="Read this record source into the corpus first: dynamodb "
+    "(LEGAL_BATCH_DYNAMODB_TABLE; default: LEGAL_BATCH_EMBEDDINGS_SOURCE, none).")
+
+
+def _store_config(flow: str, stores_vectors: bool, sink: str | None, source: str | None) -> dict:
+    """`--sink`, `--source`: the planning run's config, checked here — names, settings, and every further
+    sink reachable and of the right dimension — so a mistake is one line before any run or request."""
+    if not stores_vectors:
+        for value, option in ((sink, "--sink"), (source, "--source")):
+            if value is not None:
+                raise typer.BadParameter(f"the {flow} flow stores no vectors", param_hint=option)
+        return {}
+    from legal_batch.flows.embeddings.record_sources import check_source_name, open_source
+    from legal_batch.flows.embeddings.replicas import check_sinks
+
+    settings = get_settings()
+    names = parse_sink_names(sink if sink is not None else settings.embeddings_sinks,
+                             setting="--sink" if sink is not None else "LEGAL_BATCH_EMBEDDINGS_SINKS")
+    model = settings.embedding_model or _provider(flow).default_model("embeddings")
+    check_sinks(names, model=model, dimensions=settings.embedding_dimensions, settings=settings)
+    record_source = check_source_name(source if source is not None else settings.embeddings_source,
+                                      setting="--source" if source is not None else "LEGAL_BATCH_EMBEDDINGS_SOURCE")
+    if record_source is not None:
+        open_source(record_source, settings)
+    config: dict = {}
+    if sink is not None:
+        config["sinks"] = ",".join(names)
+    if source is not None:
+        config["source"] = record_source
+    return config
+
+
 def _without(parameter: str, command: Callable) -> Callable:
     """`command` as the CLI sees it without `parameter`: the option is not offered (nor listed in
     --help), and the parameter keeps its default."""
@@ -299,27 +335,36 @@ def _without(parameter: str, command: Callable) -> Callable:
     return command
 
 
-def _flow_app(flow: str, *, overwritable: bool = False, prompted: bool = False) -> typer.Typer:
+def _flow_app(flow: str, *, overwritable: bool = False, prompted: bool = False,
+              stores_vectors: bool = False) -> typer.Typer:
     """The flow's verbs; only flows with results to regenerate (`overwritable`) offer --overwrite,
-    only flows with a prompt template (`prompted`) offer --prompt."""
+    only flows with a prompt template (`prompted`) offer --prompt, only flows that store vectors
+    (`stores_vectors`) offer --sink and --source."""
     sub = typer.Typer(help=f"The {flow} flow: export, submit, status, ingest, run.", no_args_is_help=True)
     overwrite_option: Callable[[Callable], Callable] = (
         (lambda command: command) if overwritable else (lambda command: _without("overwrite", command)))
     prompt_option: Callable[[Callable], Callable] = (
         (lambda command: command) if prompted else (lambda command: _without("prompt", command)))
 
+    def store_options(command: Callable) -> Callable:
+        return command if stores_vectors else _without("source", _without("sink", command))
+
     @sub.command("export")
     @overwrite_option
     @prompt_option
+    @store_options
     def export(limit: Annotated[int | None, typer.Option(help="At most N source records.")] = None,
                overwrite: Annotated[bool, _OVERWRITE_OPTION] = False,
-               prompt: Annotated[str | None, _PROMPT_OPTION] = None) -> None:
+               prompt: Annotated[str | None, _PROMPT_OPTION] = None,
+               sink: Annotated[str | None, _SINK_OPTION] = None,
+               source: Annotated[str | None, _SOURCE_OPTION] = None) -> None:
         """Prepare candidates and cut them into shards (request files are written on submit)."""
         from legal_batch.driver import FlowDriver, FlowRun
 
         _at_least("--limit", limit, 1)
         plan_config = {**_plan_config(flow, overwritable, overwrite), **_prompt_config(flow, prompted, prompt)}
         _check_flow(flow)
+        plan_config.update(_store_config(flow, stores_vectors, sink, source))
         flow_defs, defs = _flow_defs(flow)
         runner = FlowDriver(flow_defs, defs, flow=flow, echo=console.print, plan_config=plan_config)
         runner.plan(FlowRun(flow), limit=limit)
@@ -364,17 +409,22 @@ def _flow_app(flow: str, *, overwritable: bool = False, prompted: bool = False) 
     @sub.command("run")
     @overwrite_option
     @prompt_option
+    @store_options
     def run(limit: Annotated[int | None, typer.Option(help="At most N source records.")] = None,
             wait: Annotated[bool, typer.Option(help="Poll until every job is ingested.")] = False,
             poll_interval: Annotated[float | None, typer.Option(
                 help="Seconds between polls (default: LEGAL_BATCH_POLL_INTERVAL, 60).")] = None,
             timeout: Annotated[float | None, typer.Option(help="Give up waiting after S seconds.")] = None,
             overwrite: Annotated[bool, _OVERWRITE_OPTION] = False,
-            prompt: Annotated[str | None, _PROMPT_OPTION] = None) -> None:
+            prompt: Annotated[str | None, _PROMPT_OPTION] = None,
+            sink: Annotated[str | None, _SINK_OPTION] = None,
+            source: Annotated[str | None, _SOURCE_OPTION] = None) -> None:
         """Export and submit; with --wait, poll and ingest until done (retrying retryable items)."""
         _at_least("--limit", limit, 1)
         _at_least("--poll-interval", poll_interval, 0)
         plan_config = {**_plan_config(flow, overwritable, overwrite), **_prompt_config(flow, prompted, prompt)}
+        _check_flow(flow)
+        plan_config.update(_store_config(flow, stores_vectors, sink, source))
         interval = get_settings().poll_interval if poll_interval is None else poll_interval
         result = _flow_run(flow, limit=limit, wait=wait, poll_interval=interval, timeout=timeout,
                            plan_config=plan_config)
@@ -387,7 +437,8 @@ def _flow_app(flow: str, *, overwritable: bool = False, prompted: bool = False) 
 
 
 for _entry in FLOWS:
-    app.add_typer(_flow_app(_entry.name, overwritable=_entry.overwritable, prompted=_entry.prompted)
+    app.add_typer(_flow_app(_entry.name, overwritable=_entry.overwritable, prompted=_entry.prompted,
+                            stores_vectors=_entry.stores_vectors)
                   if _entry.standard_cli
                   else _entry.cli_app(), name=_entry.name)
 app.add_typer(__import__("legal_batch.cases_cli", fromlist=["app"]).app, name="cases")
@@ -534,9 +585,24 @@ def verify(flow: Annotated[FlowChoice | None, _FLOW_OPTION] = None) -> None:
         noun = "sink row" if found.flow == "embeddings" else "result"
         console.print(f"[yellow]! {found.flow}: {plural(found.count, noun)} no longer match the source text[/yellow] "
                       f"(e.g. {', '.join(found.examples)})\n  what to do: {found.repair}", highlight=False)
+    sinks_ok = True
+    if "embeddings" in flows:
+        from legal_batch.core.user_tables import VectorTable
+        from legal_batch.flows.embeddings.replicas import verify_sinks
+
+        settings = get_settings()
+        with _connect() as conn:
+            verdicts = verify_sinks(conn, names=parse_sink_names(settings.embeddings_sinks),
+                                    table=VectorTable.from_settings(settings), settings=settings)
+        for verdict in verdicts:
+            sinks_ok = sinks_ok and verdict.ok
+            console.print(("" if verdict.ok else "[red]✗ ") + f"embeddings: {verdict.line()}"
+                          + ("" if verdict.ok else "[/red]\n  what to do: run `legal-batch embeddings run` (it "
+                             "writes what a sink lacks from the vector table and the cache, and deletes what is "
+                             "gone; no request)"), highlight=False)
     for warning in _failed_check_warnings(list(flows)):
         console.print(f"[yellow]! {warning}[/yellow]", highlight=False, soft_wrap=True)
-    if not report.ok:
+    if not report.ok or not sinks_ok:
         raise typer.Exit(1)
     console.print("[green]ledger consistent: every item is in exactly one state[/green]")
 

@@ -101,11 +101,16 @@ class FlowRun:
     failed_checks: dict[str, FailedCheck] = field(default_factory=dict)
     """Asset checks that failed in this run's ingests, by check and asset (the latest evaluation)."""
     failed_items: list[ledger.FailureGroup] = field(default_factory=list)
+    drained: bool = False
+    """`run --wait` ended because nothing was left to do (not a timeout, not the budget)."""
+    left_retryable: list[ledger.FailureGroup] = field(default_factory=list)
+    """Of a drained run: items still retryable (e.g. a vector sink that did not take them), by reason."""
 
     @property
     def ok(self) -> bool:
-        """No Dagster run left failed, no item of this run failed, no check of severity ERROR failed."""
-        return not (self.failed_runs or self.failed_items
+        """No Dagster run left failed, no item of this run failed or left retryable at the end, no check
+        of severity ERROR failed."""
+        return not (self.failed_runs or self.failed_items or self.left_retryable
                     or any(c.severity == "ERROR" for c in self.failed_checks.values()))
 
     def report(self) -> list[str]:
@@ -113,6 +118,9 @@ class FlowRun:
         lines = []
         for group in self.failed_items:
             lines.append(f"{group.count} failed: {group.reason} — e.g. {group.subject_key}: {group.example}")
+        for group in self.left_retryable:
+            lines.append(f"{group.count} not done, retryable by the next run: {group.reason} — e.g. "
+                         f"{group.subject_key}: {group.example}")
         for check in self.failed_checks.values():
             if check.name == "no_items_failed" and self.failed_items:
                 continue  # the failed items are listed above, by reason
@@ -320,6 +328,7 @@ class FlowDriver:
                 with self._database().connect() as conn:
                     retryable = ledger.summary(conn, self.flow).items_by_state.get("retryable", 0)
                 if retryable == 0 or replans >= get_settings().max_attempts:
+                    run.drained = True
                     return run
                 replans += 1
                 self.echo(f"  {retryable} retryable items: planning them into new shards")
@@ -353,6 +362,9 @@ class FlowDriver:
         if run.started_at is not None:
             with self._database().connect() as conn:
                 run.failed_items = ledger.failed_items(conn, self.flow, since=run.started_at)
+                if run.drained:
+                    run.left_retryable = ledger.failed_items(conn, self.flow, since=run.started_at,
+                                                             state=ledger.ItemState.RETRYABLE)
         return run
 
     def _open_jobs(self) -> int:

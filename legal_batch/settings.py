@@ -70,6 +70,23 @@ class Settings(BaseSettings):
                                          "case_embeddings in our schema.")
     embeddings_sinks: str = Field(default="pgvector", description="Where vectors are stored, a comma list of "
                                   "pgvector, chroma, weaviate (legal_batch/sinks/registry.py).")
+    embeddings_source: str | None = Field(default=None, description="A record source read into the corpus "
+                                          "(court_cases) before each chunking pass: dynamodb "
+                                          "(legal_batch/sources/registry.py); unset → the corpus only. "
+                                          "`embeddings run --source` wins.")
+    dynamodb_table: str | None = Field(default=None, description="dynamodb source: the table of records (its key "
+                                       "is read from the table; boto3's AWS_* variables apply).")
+    dynamodb_text_attribute: str = Field(default="text", description="dynamodb source: the attribute holding "
+                                         "the text to embed (a string).")
+    dynamodb_status_attribute: str = Field(default="embedding_status", description="dynamodb source: the "
+                                           "attribute the outcome is written to (SUCCESS or FAILED, with "
+                                           "<attr>_model, <attr>_at, <attr>_error); items with either are not "
+                                           "read again.")
+    dynamodb_page_size: int = Field(default=100, ge=1, le=1000, description="dynamodb source: items per Scan "
+                                    "page.")
+    dynamodb_pages_per_pass: int = Field(default=100, ge=1, description="dynamodb source: Scan pages read per "
+                                         "chunking pass (one planning run or planner-sensor tick); the next "
+                                         "pass resumes from the cursor.")
     chroma_url: str | None = Field(default=None, description="Chroma server (http[s]://host:port); unset → an "
                                    "embedded persistent Chroma under $LEGAL_BATCH_HOME/chroma.")
     chroma_collection: str | None = Field(default=None, description="Unset → legal_batch-<model>-<dimensions>.")

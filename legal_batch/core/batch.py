@@ -732,6 +732,7 @@ def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: 
     for item in items.values():
         outcomes.setdefault(item.id, ("retryable", missing_reason))
     _apply_outcomes(conn, job.id, {i: o for i, o in outcomes.items() if i not in closed}, max_attempts=max_attempts)
+    sink.settle(job.id)
     crash_point("mid_ingest")
     counts = dict(conn.execute(
         "SELECT state, count(*) FROM batch_items WHERE job_id = %s GROUP BY state", (job.id,)).fetchall())

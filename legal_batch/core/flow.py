@@ -41,6 +41,11 @@ class ResultSink(Protocol):
         """Write what was accepted (same transaction); return the number of result rows written."""
         ...
 
+    def settle(self, job_id: int) -> None:
+        """After the shard's items are closed (same transaction): copy the results to further stores,
+        if the flow has any, and reopen the items a store did not take."""
+        ...
+
 
 class Flow(Protocol):
     name: str

@@ -387,6 +387,29 @@ def record_served_subjects(conn: psycopg.Connection, flow: str, subjects_sql: st
     ).rowcount
 
 
+def reopen_subjects(conn: psycopg.Connection, flow: str, reopened: Iterable[tuple[str, str]]) -> int:
+    """Done subjects whose result did not reach every store (e.g. a further vector sink refused it):
+    back to `retryable` with the reason. Attempts are not counted (the provider answered); the result
+    is kept where it can be served from without a request."""
+    rows = list(reopened)
+    if not rows:
+        return 0
+    return conn.execute(
+        "UPDATE batch_items i SET state = 'retryable', last_error = r.reason, updated_at = now()"
+        " FROM unnest(%s::text[], %s::text[]) AS r (subject_key, reason)"
+        " WHERE i.flow = %s AND i.subject_key = r.subject_key AND i.state IN ('done', 'retryable')",
+        ([key for key, _ in rows], [reason for _, reason in rows], flow)).rowcount
+
+
+def close_reopened_subjects(conn: psycopg.Connection, flow: str, subject_keys: list[str]) -> int:
+    """Retryable subjects whose result every store now holds: `done`."""
+    if not subject_keys:
+        return 0
+    return conn.execute(
+        "UPDATE batch_items SET state = 'done', last_error = NULL, updated_at = now()"
+        " WHERE flow = %s AND subject_key = ANY(%s) AND state = 'retryable'", (flow, subject_keys)).rowcount
+
+
 def forget_subjects(conn: psycopg.Connection, flow: str, subject_keys: list[str]) -> int:
     """Delete the closed items (done, retryable, failed) of subjects that no longer exist as they
     were — e.g. chunks of a case whose text changed: their history no longer describes them, and
@@ -507,13 +530,14 @@ _PARTICULARS = [
 ]
 
 
-def failed_items(conn: psycopg.Connection, flow: str, *, since: datetime) -> list[FailureGroup]:
-    """The items of `flow` that ended `failed` since `since`, grouped by reason (most first)."""
+def failed_items(conn: psycopg.Connection, flow: str, *, since: datetime,
+                 state: ItemState = ItemState.FAILED) -> list[FailureGroup]:
+    """The items of `flow` that ended `failed` (or `state`) since `since`, grouped by reason (most first)."""
     groups: dict[str, list] = {}
     with conn.transaction(), conn.cursor(name=f"failed_{flow}") as cur:
         cur.itersize = 5_000
         cur.execute("SELECT subject_key, coalesce(last_error, '') FROM batch_items WHERE flow = %s"
-                    " AND state = 'failed' AND updated_at >= %s ORDER BY id", (flow, since))
+                    " AND state = %s AND updated_at >= %s ORDER BY id", (flow, str(state), since))
         for subject_key, error in cur:
             reason = error
             for pattern, replacement in _PARTICULARS:

@@ -2,8 +2,10 @@
 cancelled, then its ledger rows and results go in one transaction.
 
 - embeddings: ledger rows, chunks (and their recorded text hashes), vectors in the vector table
-  (all of it when the table is ours; in a table of yours, only the models this flow wrote) and the
-  record of what the cache saved; the vector cache itself only when asked (`cache`).
+  (all of it when the table is ours; in a table of yours, only the models this flow wrote), the
+  record of what the cache saved and of what further sinks (Chroma, Weaviate) hold — their vectors
+  stay and the next run writes every chunk to them again (same ids: replaced); the vector cache
+  itself only when asked (`cache`).
 - headnotes: ledger rows, and the headnotes this flow wrote (`case_headnotes`) cleared from the
   source's headnote column; headnotes loaded with the cases stay.
 - template: ledger rows and the staged runs (rows, results); output files already written stay.
@@ -176,6 +178,8 @@ def apply_reset(conn: psycopg.Connection, plan: ResetPlan, *, source: CaseSource
             removed["chunks"] = conn.execute("DELETE FROM case_chunks").rowcount
             conn.execute("DELETE FROM chunked_cases")
             conn.execute("DELETE FROM cache_savings WHERE flow = %s", (flow,))
+            # the further sinks are rewritten (same ids: replaced) by the next run
+            removed["sink_records"] = conn.execute("DELETE FROM sink_vectors").rowcount
             if plan.cache:
                 removed["cache_vectors"] = conn.execute("DELETE FROM vector_cache").rowcount
         elif flow == "headnotes":

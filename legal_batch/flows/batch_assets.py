@@ -40,7 +40,10 @@ class CandidatesConfig(dg.Config):
     `provider`: plan with this provider instead of the flow's `LEGAL_BATCH_<FLOW>_PROVIDER` (each
     shard's job row names its provider).
     `prompt` (flows with a prompt template: headnotes): the template file for this run instead of the
-    flow's setting; its text is stored with each shard planned."""
+    flow's setting; its text is stored with each shard planned.
+    `sinks`, `source` (flows that store vectors: embeddings): the vector sinks (comma list) and the
+    record source for this run instead of `LEGAL_BATCH_EMBEDDINGS_SINKS`/`_SOURCE`; stored with each
+    shard planned."""
 
     limit: int | None = None
     max_shards: int = 100
@@ -48,6 +51,8 @@ class CandidatesConfig(dg.Config):
     overwrite_before: str | None = None
     provider: str | None = None
     prompt: str | None = None
+    sinks: str | None = None
+    source: str | None = None
 
 
 class MakeFlow(Protocol):

@@ -31,6 +31,8 @@ class FlowEntry:
     """Has results a run may regenerate (`--overwrite`)."""
     prompted: bool = False
     """Has a prompt template a run may replace (`--prompt`)."""
+    stores_vectors: bool = False
+    """Writes vectors to the vector sinks and may read a record source (`--sink`, `--source`)."""
 
     def definitions(self) -> FlowDefinitions:
         return import_module(f"{self.package}.assets").DEFS
@@ -52,7 +54,7 @@ class FlowEntry:
 
 
 FLOWS: list[FlowEntry] = [
-    FlowEntry("embeddings", "legal_batch.flows.embeddings", "embeddings_provider"),
+    FlowEntry("embeddings", "legal_batch.flows.embeddings", "embeddings_provider", stores_vectors=True),
     FlowEntry("headnotes", "legal_batch.flows.headnotes", "headnotes_provider", overwritable=True, prompted=True),
     FlowEntry("template", "legal_batch.flows.template", "template_provider", standard_cli=False),
 ]

@@ -106,6 +106,10 @@ class VectorSink(Protocol):
         """The ids among `ids` that are stored."""
         ...
 
+    def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored vectors of those of `ids` that are stored (for `legal-batch verify`)."""
+        ...
+
     def search(self, vector: np.ndarray, *, k: int = 5) -> list[SearchHit]:
         """The `k` nearest vectors by cosine distance, best first."""
         ...
@@ -143,6 +147,12 @@ def chunk_metadata(*, record_id: str, chunk_index: int, model: str, text: str, c
         "model": model, "text_sha256": text_sha256(text),
     }
     return {key: value for key, value in values.items() if value is not None}
+
+
+def as_array(vector: object) -> np.ndarray:
+    """A stored vector as float32 (pgvector's psycopg loaders give an array or a `Vector`)."""
+    to_numpy = getattr(vector, "to_numpy", None)
+    return np.asarray(to_numpy() if to_numpy is not None else vector, dtype=np.float32)
 
 
 def vector_problem(vector: np.ndarray | None, dimensions: int) -> str | None:

@@ -156,6 +156,14 @@ class ChromaSink:
             found.update(self.collection.get(ids=list(batch), include=[])["ids"])
         return found
 
+    def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        for batch in batches(list(ids), _READ_BATCH):
+            answer = self.collection.get(ids=list(batch), include=["embeddings"])
+            for id_, vector in zip(answer["ids"], answer["embeddings"], strict=True):
+                found[id_] = np.asarray(vector, dtype=np.float32)
+        return found
+
     def search(self, vector: np.ndarray, *, k: int = 5) -> list[SearchHit]:
         answer = self.collection.query(query_embeddings=[np.asarray(vector, dtype=np.float32)], n_results=k,
                                        include=["documents", "metadatas", "distances"])

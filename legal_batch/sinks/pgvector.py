@@ -27,6 +27,7 @@ from legal_batch.sinks.base import (
     SinkError,
     VectorRecord,
     WriteFailure,
+    as_array,
     batches,
     screen,
     split_vector_id,
@@ -146,6 +147,17 @@ class PgvectorSink:
         stored = {vector_id(case_id, index) for case_id, index in rows}
         # answer in the caller's spelling of each id (a uuid may be written in upper case)
         return {value for value in ids if _canonical(value) in stored}
+
+    def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        case_ids, indexes = self._keys(ids)
+        if not case_ids:
+            return {}
+        rows = self.conn.execute(sql.SQL(
+            "SELECT e.case_id::text, e.chunk_index, e.embedding FROM {} e"
+            " JOIN unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index) USING (case_id, chunk_index)"
+            " WHERE e.model = %s").format(self._table), (case_ids, indexes, self.model)).fetchall()
+        stored = {vector_id(case_id, index): as_array(vector) for case_id, index, vector in rows}
+        return {value: stored[_canonical(value)] for value in ids if _canonical(value) in stored}
 
     def search(self, vector: np.ndarray, *, k: int = 5) -> list[SearchHit]:
         with self.conn.transaction():

@@ -205,6 +205,18 @@ class WeaviateSink:
             found.update(by_uuid[str(obj.uuid)] for obj in answer.objects if str(obj.uuid) in by_uuid)
         return found
 
+    def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        for batch in batches(list(ids), _READ_BATCH):
+            by_uuid = {str(vector_uuid(*split_vector_id(value))): value for value in batch}
+            answer = self.collection.query.fetch_objects_by_ids(list(by_uuid), limit=len(by_uuid),
+                                                                return_properties=[], include_vector=True)
+            for obj in answer.objects:
+                vector = (obj.vector or {}).get(VECTOR) or (obj.vector or {}).get("default")
+                if str(obj.uuid) in by_uuid and vector is not None:
+                    found[by_uuid[str(obj.uuid)]] = np.asarray(vector, dtype=np.float32)
+        return found
+
     def search(self, vector: np.ndarray, *, k: int = 5) -> list[SearchHit]:
         from weaviate.classes.query import MetadataQuery
 

@@ -38,7 +38,10 @@ PARALLEL = 4
 
 
 OPENAI_POINTS = ("after_job_row", "after_provider_accepted")
-SCENARIOS = [("local", p) for p in POINTS] + [("openai", p) for p in OPENAI_POINTS]
+SINK_POINTS = ("after_sink_write",)
+"""Points reached only with a further vector sink: played with Chroma (embedded) besides pgvector."""
+SCENARIOS = ([("local", p) for p in POINTS if p not in SINK_POINTS] + [("openai", p) for p in OPENAI_POINTS]
+             + [("local+chroma", p) for p in SINK_POINTS])
 
 
 @dataclass
@@ -79,6 +82,8 @@ def played(make_database, scratch_dir) -> Iterator[dict[tuple[str, str], Scenari
             emulator = OpenAIBatchEmulator(api_key="sk-test-crash-0123456789", auto_advance=True).start()
             extra.update(LEGAL_BATCH_EMBEDDINGS_PROVIDER="openai", OPENAI_BASE_URL=emulator.base_url,
                          OPENAI_API_KEY=emulator.api_key)
+        if provider == "local+chroma":
+            extra["LEGAL_BATCH_EMBEDDINGS_SINKS"] = "pgvector,chroma"
         root = scratch_dir / f"crash-{provider}-{point}"
         scenarios[(provider, point)] = Scenario(provider, point, url, isolated_env(database_url=url, root=root,
                                                                                    **extra), emulator)
@@ -134,3 +139,23 @@ def test_openai_provider_resumes_after_a_kill_at(scenario_conn) -> None:
     assert scalar(conn, "SELECT count(*) FROM batch_jobs WHERE provider <> 'openai'") == 0
     uploads = [r for r in scenario.emulator.requests if r.method == "POST" and r.path.endswith("/files")]
     assert len(uploads) == 2, "each shard's request file was uploaded once"
+
+
+@pytest.mark.parametrize("scenario_conn", [s for s in SCENARIOS if s[0] == "local+chroma"], indirect=True,
+                         ids=lambda s: s[1])
+def test_a_kill_between_a_sink_write_and_the_commit_is_healed_by_the_next_run(scenario_conn) -> None:
+    """Chroma was written, the ledger (and `sink_vectors`) rolled back: the next run writes the same ids
+    again — every chunk once in Chroma, once in pgvector, one provider job per shard."""
+    import chromadb
+    from chromadb.config import Settings as ChromaSettings
+
+    scenario, conn = scenario_conn
+    chunks = _assert_killed_then_recovered(scenario, conn)
+    tokens = [job["metadata"]["client_token"] for job in local_jobs(scenario.home)]
+    assert assert_one_provider_job_per_shard(conn, tokens) == 2
+    client = chromadb.PersistentClient(path=str(scenario.home / "chroma"),
+                                       settings=ChromaSettings(anonymized_telemetry=False))
+    [collection] = client.list_collections()
+    assert collection.count() == chunks
+    assert scalar(conn, "SELECT count(*) FROM sink_vectors") == chunks
+    assert scalar(conn, "SELECT count(*) FROM batch_items WHERE state <> 'done'") == 0

@@ -14,7 +14,7 @@ from legal_batch.core.progress import Heartbeat, watch_index_build
 from legal_batch.core.user_tables import CaseSource, VectorTable
 from legal_batch.flows.batch_assets import CandidatesConfig, FlowNames, build_flow_definitions
 from legal_batch.flows.catalog import COURT_CASES
-from legal_batch.flows.embeddings.checks import vector_checks, vector_spec
+from legal_batch.flows.embeddings.checks import sinks_spec, vector_checks, vector_spec
 from legal_batch.flows.embeddings.flow import (
     DONE_WITHOUT_RESULT_SQL,
     EmbeddingsFlow,
@@ -22,9 +22,12 @@ from legal_batch.flows.embeddings.flow import (
     prepare_chunks,
 )
 from legal_batch.flows.embeddings.flow import has_unchunked_cases as unchunked_cases_exist
+from legal_batch.flows.embeddings.record_sources import check_source_name, has_more, write_back
+from legal_batch.flows.embeddings.replicas import PRIMARY
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import DatabaseResource, get_settings
 from legal_batch.resources.providers import make_provider
+from legal_batch.sinks.registry import parse_sink_names
 
 NAMES = FlowNames(flow="embeddings", prefix="embedding", results="case_embeddings")
 
@@ -51,7 +54,10 @@ def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
     settings = get_settings()
     source = CaseSource.from_settings(settings)
     if job is not None and job.params is not None:
-        return EmbeddingsFlow.for_job(model=job.model, params=job.params, provider=job.provider, source=source)
+        return EmbeddingsFlow.for_job(model=job.model, params=job.params, provider=job.provider, source=source,
+                                      settings=settings)
+    sinks = config.sinks if config and config.sinks else settings.embeddings_sinks
+    record_source = config.source if config and config.source else settings.embeddings_source
     return EmbeddingsFlow(
         model=settings.embedding_model or provider.default_model("embeddings"),
         dimensions=settings.embedding_dimensions,
@@ -59,6 +65,10 @@ def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
         provider=provider.name,
         source=source,
         table=VectorTable.from_settings(settings),
+        sinks=parse_sink_names(sinks, setting="--sink" if config and config.sinks else "LEGAL_BATCH_EMBEDDINGS_SINKS"),
+        record_source=check_source_name(record_source, setting="--source" if config and config.source
+                                        else "LEGAL_BATCH_EMBEDDINGS_SOURCE"),
+        settings=settings,
     )
 
 
@@ -73,7 +83,12 @@ def chunk_new_cases(context: dg.AssetExecutionContext, conn: psycopg.Connection,
 
 
 def has_unchunked_cases(conn: psycopg.Connection) -> bool:
-    return unchunked_cases_exist(conn, CaseSource.from_settings(get_settings()))
+    """New or removed cases, or (with a record source) more of it to read."""
+    settings = get_settings()
+    name = check_source_name(settings.embeddings_source)
+    if name is not None and has_more(conn, name, settings, rescan_after_s=max(60.0, settings.poll_interval)):
+        return True
+    return unchunked_cases_exist(conn, CaseSource.from_settings(settings))
 
 
 def build_index_when_loaded(context: dg.AssetExecutionContext, conn: psycopg.Connection,
@@ -84,7 +99,22 @@ def build_index_when_loaded(context: dg.AssetExecutionContext, conn: psycopg.Con
     saved = vector_cache.savings(conn, flow=NAMES.flow)
     totals = {"cache_requests_saved_total": saved.requests, "cache_tokens_saved_total": saved.tokens,
               "cache_usd_saved_total": float(saved.usd)}
-    table = VectorTable.from_settings(get_settings())
+    settings = get_settings()
+    record_source = check_source_name(settings.embeddings_source)
+    if record_source is not None or conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM source_records WHERE status IS NULL"
+            " OR status_sha256 IS DISTINCT FROM text_sha256)").fetchone()[0]:
+        names = [record_source] if record_source else sorted({label.split(":", 1)[0] for (label,) in conn.execute(
+            "SELECT DISTINCT source FROM source_records")})
+        model = conn.execute("SELECT model FROM batch_jobs WHERE flow = %s AND state = 'ingested'"
+                             " ORDER BY ingested_at DESC LIMIT 1", (NAMES.flow,)).fetchone()
+        for name in names:
+            written = write_back(conn, name, settings, model=model[0] if model else (settings.embedding_model or ""))
+            context.log.info(written.line())
+            totals[f"{name}_statuses_written"] = written.succeeded + written.failed
+    table = VectorTable.from_settings(settings)
+    if PRIMARY not in parse_sink_names(settings.embeddings_sinks):
+        return totals  # the vector table is not searched (LEGAL_BATCH_EMBEDDINGS_SINKS): no HNSW index to build
     with watch_index_build(database.connect, context.log.info, table=table.relation):
         seconds = ensure_vector_index(conn, table=table)
     if seconds is None:
@@ -104,7 +134,7 @@ DEFS = build_flow_definitions(
     make_flow=make_flow,
     prepare=chunk_new_cases,
     has_unprepared=has_unchunked_cases,
-    result_check_specs=[vector_spec],
+    result_check_specs=[vector_spec, sinks_spec],
     result_checks=vector_checks,
     after_ingest=build_index_when_loaded,
     done_without_result_sql=DONE_WITHOUT_RESULT_SQL,

@@ -14,8 +14,9 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psycopg
@@ -25,7 +26,12 @@ from legal_batch.core.chunking import Chunk, chunk_text
 from legal_batch.core.flow import Item
 from legal_batch.core.user_tables import CaseSource, VectorTable, text_sha256
 from legal_batch.core.vector_cache import CacheKey, Savings
+from legal_batch.flows.embeddings.replicas import PRIMARY, Replication, further_sinks, replicate
 from legal_batch.providers.base import EmbeddingRequest, Endpoint, Request, Result
+
+if TYPE_CHECKING:
+    from legal_batch.flows.embeddings.record_sources import WrittenBack
+    from legal_batch.settings import Settings
 
 FLOW = "embeddings"
 HEADNOTE_CHUNK = "headnote"
@@ -133,13 +139,27 @@ def prepare_chunks(conn: psycopg.Connection, flow: EmbeddingsFlow, *, max_tokens
     vector cache (`EmbeddingsFlow.serve_from_cache`). Returns the figures (asset metadata): `chunking`
     says what chunking did, `summary_note` (for the run's summary) what changed and what the cache
     saved, if anything."""
+    notes = []
+    pulled = None
+    if flow.record_source is not None:
+        from legal_batch.flows.embeddings.record_sources import pull
+
+        pulled = pull(conn, flow.record_source, flow.settings)
+        notes.append(pulled.line())
     synced = sync_chunks(conn, max_tokens=max_tokens, overlap_tokens=overlap_tokens, limit_cases=flow.limit_cases,
                          on_progress=on_progress, source=flow.source, table=flow.table, cache=flow.cache)
     served = synced.served + flow.serve_from_cache(conn)
+    replicated = None
+    if flow.further_sinks:
+        with conn.transaction():
+            ledger.lock_planning(conn, FLOW)
+            replicated = flow.replicate(conn)
+        notes.append(replicated.line())
+    if flow.record_source is not None:
+        notes.append(flow.write_back(conn).line())
     chunking = (f"chunked {synced.cases} cases ({synced.changed} changed) into {synced.chunks} new chunks; "
                 f"{synced.chunks_replaced} chunks replaced, {synced.removed_cases} removed cases cleared, "
                 f"{synced.rejected} rejected, {synced.deferred} waiting for chunks in flight; {served.line()}")
-    notes = []
     if synced.changed or synced.removed_cases:
         notes.append(f"{synced.changed} changed cases chunked again ({synced.chunks_replaced} chunks replaced), "
                      f"{synced.removed_cases} removed cases cleared")
@@ -149,7 +169,11 @@ def prepare_chunks(conn: psycopg.Connection, flow: EmbeddingsFlow, *, max_tokens
             "chunks_replaced": synced.chunks_replaced, "cases_removed": synced.removed_cases,
             "cases_rejected": synced.rejected, "cases_deferred": synced.deferred,
             "cache_requests_saved": served.requests, "cache_tokens_saved": served.tokens,
-            "cache_usd_saved": float(served.usd)}
+            "cache_usd_saved": float(served.usd),
+            **({} if pulled is None else {"source_records_read": pulled.records, "source_records_changed": pulled.changed,
+                                          "source_records_unusable": len(pulled.problems)}),
+            **({} if replicated is None else {"sink_vectors_written": sum(replicated.written.values()),
+                                              "sink_vectors_refused": len(replicated.refused)})}
 
 
 @dataclass(frozen=True)
@@ -360,15 +384,37 @@ class EmbeddingsFlow:
 
     def __init__(self, *, model: str, dimensions: int = 1024, limit_cases: int | None = None,
                  provider: str | None = None, source: CaseSource | None = None,
-                 table: VectorTable | None = None) -> None:
+                 table: VectorTable | None = None, sinks: Sequence[str] = (PRIMARY,),
+                 record_source: str | None = None, settings: Settings | None = None) -> None:
         """`provider` names the vector cache's provider (None: no cache); `source` and `table` default to
-        the built-in `court_cases` and `case_embeddings`."""
+        the built-in `court_cases` and `case_embeddings`; `sinks` are the vector sinks to write
+        (`flows.embeddings.replicas`; the vector table is always written), `record_source` a source
+        read into the corpus before chunking (`dynamodb`), `settings` what their connections use
+        (default: the process's)."""
         self.model = model
         self.dimensions = dimensions
         self.limit_cases = limit_cases
         self.provider = provider
         self.source = source or CaseSource()
         self.table = table or VectorTable(dimensions=dimensions)
+        self.sinks = tuple(sinks) or (PRIMARY,)
+        self.record_source = record_source
+        self._settings = settings
+
+    @property
+    def settings(self) -> Settings:
+        from legal_batch.settings import get_settings
+
+        return self._settings or get_settings()
+
+    @property
+    def further_sinks(self) -> tuple[str, ...]:
+        return further_sinks(self.sinks)
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the vector table is a sink to search (then it gets its HNSW index)."""
+        return PRIMARY in self.sinks
 
     @property
     def cache(self) -> CacheKey | None:
@@ -378,15 +424,20 @@ class EmbeddingsFlow:
         params: dict = {"dimensions": self.dimensions}
         if self.table.table is not None:
             params["table"] = self.table.table
+        if self.sinks != (PRIMARY,):
+            params["sinks"] = list(self.sinks)
+        if self.record_source is not None:
+            params["record_source"] = self.record_source
         return params
 
     @classmethod
     def for_job(cls, *, model: str, params: dict, provider: str | None = None,
-                source: CaseSource | None = None) -> EmbeddingsFlow:
+                source: CaseSource | None = None, settings: Settings | None = None) -> EmbeddingsFlow:
         """The flow a shard was planned with (`job_params` as stored on its job row)."""
         dimensions = int(params["dimensions"])
         return cls(model=model, dimensions=dimensions, provider=provider, source=source,
-                   table=VectorTable(params.get("table"), dimensions))
+                   table=VectorTable(params.get("table"), dimensions), sinks=params.get("sinks") or (PRIMARY,),
+                   record_source=params.get("record_source"), settings=settings)
 
     def candidate_sql(self) -> tuple[str, dict]:
         """Chunks with no vector (of this model) and no open or failed item, one per distinct text:
@@ -423,6 +474,14 @@ class EmbeddingsFlow:
         return sql, {"model": self.model, "flow": FLOW, "limit": self.limit_cases, "provider": self.provider,
                      "dims": self.dimensions}
 
+    def write_back(self, conn: psycopg.Connection) -> WrittenBack:
+        """Write each record's outcome back to the record source (nothing without one)."""
+        from legal_batch.flows.embeddings.record_sources import WrittenBack, write_back
+
+        if self.record_source is None:
+            return WrittenBack()
+        return write_back(conn, self.record_source, self.settings, model=self.model)
+
     def serve_from_cache(self, conn: psycopg.Connection) -> Savings:
         """Before planning: every chunk without a vector whose text is in the vector cache takes its
         vector from it (one transaction); nothing without a provider to key the cache by."""
@@ -447,7 +506,16 @@ class EmbeddingsFlow:
 
     def sink(self, conn: psycopg.Connection, *, model: str) -> EmbeddingSink:
         cache = None if self.provider is None else CacheKey(self.provider, model, self.dimensions)
-        return EmbeddingSink(conn, model=model, dimensions=self.dimensions, table=self.table.relation, cache=cache)
+        return EmbeddingSink(conn, model=model, dimensions=self.dimensions, table=self.table.relation, cache=cache,
+                             replicas=self if self.further_sinks else None)
+
+    def replicate(self, conn: psycopg.Connection, *, model: str | None = None, job_id: int | None = None
+                  ) -> Replication:
+        """Bring the further sinks up to date (`replicas.replicate`), inside the caller's transaction."""
+        model = model or self.model
+        cache = None if self.provider is None else CacheKey(self.provider, model, self.dimensions)
+        return replicate(conn, names=self.sinks, model=model, table=self.table, source=self.source, cache=cache,
+                         settings=self.settings, job_id=job_id)
 
 
 class EmbeddingSink:
@@ -468,8 +536,11 @@ class EmbeddingSink:
     the COPY stream being sent (the same size), whatever the size of the output file."""
 
     def __init__(self, conn: psycopg.Connection, *, model: str, dimensions: int, table: str = "case_embeddings",
-                 cache: CacheKey | None = None) -> None:
+                 cache: CacheKey | None = None, replicas: EmbeddingsFlow | None = None) -> None:
         self.conn = conn
+        self.replicas = replicas
+        self.replication: Replication | None = None
+        """What `settle` wrote to the further sinks (with `replicas`: the flow that names them)."""
         self.model = model
         self.dimensions = dimensions
         self.table = table
@@ -600,6 +671,12 @@ class EmbeddingSink:
             self.served = vector_cache.serve(self.conn, self.cache, table=self.table, flow=FLOW,
                                              hashes=sorted(self._hashes))
         return self.rows
+
+    def settle(self, job_id: int) -> None:
+        """Copy the shard's vectors (and those served for the same texts) to the further sinks; a chunk
+        one did not store goes back to retryable (see `replicas`)."""
+        if self.replicas is not None:
+            self.replication = self.replicas.replicate(self.conn, model=self.model, job_id=job_id)
 
 
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, header extension length

@@ -470,6 +470,9 @@ class HeadnoteSink:
              "stale": self.regenerate_stale},
         ).rowcount
 
+    def settle(self, job_id: int) -> None:
+        """No further stores."""
+
 
 def _wanted_sql(case_id: str, headnote: str, generated_at: str | None) -> str:
     """SQL: the headnote of the case whose id and headnote are these expressions may be (re)written:

@@ -167,4 +167,7 @@ class TemplateSink:
         self._flush()
         return self.written
 
+    def settle(self, job_id: int) -> None:
+        """No further stores."""
+
 

@@ -53,3 +53,6 @@ class _Sink:
         with self.conn.cursor() as cur:
             cur.executemany("INSERT INTO toy_vectors (word, dims) VALUES (%s, %s) ON CONFLICT DO NOTHING", self.rows)
         return len(self.rows)
+
+    def settle(self, job_id: int) -> None:
+        """No further stores."""

@@ -26,7 +26,7 @@ from legal_batch.core.chunking import Chunk, chunk_text
 from legal_batch.core.flow import Item
 from legal_batch.core.user_tables import CaseSource, VectorTable, text_sha256
 from legal_batch.core.vector_cache import CacheKey, Savings
-from legal_batch.flows.embeddings.replicas import PRIMARY, Replication, further_sinks, replicate
+from legal_batch.flows.embeddings.replicas import PRIMARY, Replication, check_sinks, further_sinks, replicate
 from legal_batch.providers.base import EmbeddingRequest, Endpoint, Request, Result
 
 if TYPE_CHECKING:
@@ -140,6 +140,10 @@ def prepare_chunks(conn: psycopg.Connection, flow: EmbeddingsFlow, *, max_tokens
     says what chunking did, `summary_note` (for the run's summary) what changed and what the cache
     saved, if anything."""
     notes = []
+    if flow.further_sinks:  # a collection of another dimension: one line before any request
+        for name, reason in check_sinks(flow.sinks, model=flow.model, dimensions=flow.dimensions,
+                                        settings=flow.settings, reachable=False).items():
+            notes.append(f"the {name} sink cannot be reached ({reason}): its vectors wait, retryable")
     pulled = None
     if flow.record_source is not None:
         from legal_batch.flows.embeddings.record_sources import pull

@@ -89,18 +89,25 @@ def open_sinks(names: Sequence[str], *, model: str, dimensions: int, settings: S
     return opened, unavailable
 
 
-def check_sinks(names: Sequence[str], *, model: str, dimensions: int, settings: Settings) -> None:
-    """At start, before any request: every further sink can be reached and holds (or will hold)
-    vectors of this dimension; else one line (`UserError`, `SinkUnavailable`) says which and why."""
+def check_sinks(names: Sequence[str], *, model: str, dimensions: int, settings: Settings,
+                reachable: bool = True) -> dict[str, str]:
+    """At start, before any request: every further sink is configured and holds (or will hold)
+    vectors of this dimension, else one line (`UserError`) says which and why. `reachable`: a sink
+    that cannot be reached is such a line too; else it is returned with the reason (its chunks will
+    wait for it, retryable)."""
     from legal_batch.core.errors import UserError
     from legal_batch.sinks.base import SinkError
+    from legal_batch.sinks.registry import open_sink
 
-    try:
-        opened, _ = open_sinks(names, model=model, dimensions=dimensions, settings=settings, strict=True)
-    except SinkError as exc:
-        raise UserError(str(exc)) from None
-    for sink in opened:
-        sink.close()
+    unavailable: dict[str, str] = {}
+    for name in further_sinks(names):
+        try:
+            open_sink(name, model=model, dimensions=dimensions, settings=settings).close()
+        except SinkError as exc:
+            if reachable:
+                raise UserError(str(exc)) from None
+            unavailable[name] = _first_line(exc)
+    return unavailable
 
 
 def replicate(conn: psycopg.Connection, *, names: Sequence[str], model: str, table: VectorTable,

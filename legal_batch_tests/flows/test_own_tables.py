@@ -243,7 +243,7 @@ def test_a_database_migrated_before_our_schema_keeps_its_data(pg_admin_url, tmp_
             old.execute("INSERT INTO batch_jobs (flow, provider, model, shard_key, client_token, state)"
                         " VALUES ('embeddings', 'local', 'm', 's1', 't1', 'ingested')")
 
-        assert upgrade(url, schema="legal_batch") == ["0005_own_schema_changes_cache"]
+        assert upgrade(url, schema="legal_batch") == ["0005_own_schema_changes_cache", "0006_sinks_sources"]
         assert upgrade(url, schema="legal_batch") == []
 
         with connect(url, schema="legal_batch") as conn:
@@ -255,7 +255,7 @@ def test_a_database_migrated_before_our_schema_keeps_its_data(pg_admin_url, tmp_
             assert scalar(conn, "SELECT count(*) FROM case_embeddings") == 1
             assert scalar(conn, "SELECT shard_key FROM batch_jobs") == "s1"
             assert scalar(conn, "SELECT model FROM case_headnotes WHERE case_id = %s", case_id) == "gpt-4o-mini"
-            assert scalar(conn, "SELECT count(*) FROM schema_migrations") == 5
+            assert scalar(conn, "SELECT count(*) FROM schema_migrations") == 6
             conn.execute("INSERT INTO batch_jobs (flow, provider, model, shard_key, client_token, state)"
                          " VALUES ('embeddings', 'local', 'm', 's2', 't2', 'planned')")  # sequences moved too
     finally:

@@ -21,6 +21,7 @@ import psycopg
 from legal_batch.core import batch, ledger, quota
 from legal_batch.core.errors import QuotaTooSmall
 from legal_batch.core.flow import Flow
+from legal_batch.core.ledger import ItemState, JobState
 from legal_batch.core.progress import JobChange, flow_progress, jobs_changed_since
 from legal_batch.core.verify import VerifyReport, verify
 from legal_batch.flows.catalog import OWNERS, file_kinds, provider_kinds
@@ -218,7 +219,7 @@ def build_flow_definitions(
             found = quota.quota_for(conn, provider=job.provider, model=job.model, kind=provider.limits.quota_kind,
                                     policy=policy)
             in_queue = quota.queued(conn, provider=job.provider, model=job.model)
-        if outcome.state == "split" and job.split_into:
+        if outcome.state == JobState.SPLIT and job.split_into:
             context.instance.add_dynamic_partitions(partitions.name, list(job.split_into))
         context.log.info(outcome.message)
         return dg.MaterializeResult(metadata={
@@ -281,7 +282,7 @@ def build_flow_definitions(
             _tag_run(context, job_run_tags(job))
             provider = providers.named(job.provider)
             paths = sorted(p for p in batch.output_dir(files.path(), names.flow, shard_key).glob("*")
-                           if p.is_file()) if job.state != "ingested" else []
+                           if p.is_file()) if job.state != JobState.INGESTED else []
             report = batch.ingest_shard(conn, make_flow(provider, None, job=job), provider, shard_key, files=paths,
                                         max_attempts=get_settings().max_attempts,
                                         on_progress=lambda n: context.log.info(f"{shard_key}: {n} result lines read"))
@@ -349,7 +350,7 @@ def build_flow_definitions(
             # `submitting` too: a submit that died before the provider answered (reconciled by token first).
             # Only shards the queue quota and the budget have room for: the others wait, visibly, in the
             # ledger (`legal-batch jobs`), and go in on the tick after room frees up.
-            waiting = ledger.list_jobs(conn, flow=names.flow, states=("planned", "exported", "submitting"))
+            waiting = ledger.list_jobs(conn, flow=names.flow, states=ledger.UNSUBMITTED_JOB_STATES)
             ready = set(batch.admissible_shards(conn, names.flow, providers.named, policy=policy))
         for job in waiting:
             if job.shard_key in ready:
@@ -382,8 +383,7 @@ def build_flow_definitions(
         with database.connect() as conn:
             polled = batch.poll_open_jobs(conn, providers.named, flow=names.flow, time_budget_s=40,
                                           policy=get_settings().quota_policy())
-            finished = ledger.list_jobs(conn, flow=names.flow,
-                                        states=("completed", "partial", "failed", "cancelled", "expired"))
+            finished = ledger.list_jobs(conn, flow=names.flow, states=ledger.TERMINAL_JOB_STATES)
             for job in finished:
                 if job.ingest_failures >= max_attempts:
                     continue  # stopped; said so when it happened
@@ -584,18 +584,19 @@ def _ledger_check(report: VerifyReport, flow: str) -> dg.AssetCheckResult:
 
 
 def _not_failed_check(conn: psycopg.Connection, job: ledger.JobRow) -> dg.AssetCheckResult:
-    failed = conn.execute("SELECT count(*), min(last_error) FROM batch_items WHERE job_id = %s AND state = 'failed'",
-                          (job.id,)).fetchone()
+    failed = conn.execute("SELECT count(*), min(last_error) FROM batch_items WHERE job_id = %s AND state = %s",
+                          (job.id, ItemState.FAILED)).fetchone()
     return dg.AssetCheckResult(
         check_name="no_items_failed", passed=failed[0] == 0, severity=dg.AssetCheckSeverity.ERROR,
         metadata={"failed": failed[0], "example": failed[1] or "", "requests": job.request_count,
-                  "what_to_do": "SELECT subject_key, last_error FROM batch_items WHERE state = 'failed' AND job_id = "
-                                f"{job.id}; fix the cause, then mark them retryable and run again"})
+                  "what_to_do": f"SELECT subject_key, last_error FROM batch_items WHERE state = '{ItemState.FAILED}'"
+                                f" AND job_id = {job.id}; fix the cause, then mark them retryable and run again"})
 
 
 def _accounted_check(conn: psycopg.Connection, job: ledger.JobRow) -> dg.AssetCheckResult:
     still_open = conn.execute(
-        "SELECT count(*) FROM batch_items WHERE job_id = %s AND state IN ('exported', 'submitted')", (job.id,)
+        "SELECT count(*) FROM batch_items WHERE job_id = %s AND state = ANY(%s)",
+        (job.id, list(ledger.ITEM_OPEN_STATES)),
     ).fetchone()[0]
     closed = (job.items_done or 0) + (job.items_retryable or 0) + (job.items_failed or 0)
     passed = still_open == 0 and closed == job.request_count

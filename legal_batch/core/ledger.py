@@ -214,8 +214,6 @@ class PlanResult:
     shard_keys: list[str]
     planned_items: int
     rejected_items: int
-    held_back: int
-    """Candidates left unplanned because a final shard would be under the provider's minimum."""
 
 
 def plan_shards(
@@ -228,7 +226,6 @@ def plan_shards(
     params: dict,
     limits: ShardLimits,
     max_shards: int | None = None,
-    allow_small_final_shard: bool = True,
     job_params: dict | None = None,
 ) -> PlanResult:
     """Cut the flow's current candidates into new shards, recording jobs and items in one transaction.
@@ -241,7 +238,7 @@ def plan_shards(
     recorded as soon as it is cut, so memory stays flat however many candidates there are.
     """
     shard_keys: list[str] = []
-    planned = rejected = held_back = 0
+    planned = rejected = 0
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(flow),))
         existing = conn.execute("SELECT count(*) FROM batch_jobs WHERE flow = %s", (flow,)).fetchone()[0]
@@ -270,9 +267,6 @@ def plan_shards(
             if max_shards is not None and len(shard_keys) >= max_shards:
                 break
             mode = "realtime" if len(shard) < limits.min_records else "batch"
-            if mode == "realtime" and not allow_small_final_shard:
-                held_back += len(shard)
-                continue
             existing += 1
             digest = hashlib.sha256()
             for c in shard:
@@ -285,7 +279,7 @@ def plan_shards(
             planned += len(shard)
         if too_big:
             rejected = _record_rejected(conn, flow, too_big, limits.max_input_tokens)
-    return PlanResult(shard_keys, planned, rejected, held_back)
+    return PlanResult(shard_keys, planned, rejected)
 
 
 def _insert_job(conn: psycopg.Connection, *, flow: str, provider: str, model: str, mode: str, shard_key: str,

@@ -172,7 +172,6 @@ def build_flow_definitions(
             "dagster/row_count": result.planned_items,
             "new_shards": dg.MetadataValue.json(result.shard_keys),
             "rejected_items": result.rejected_items,
-            "held_back_items": result.held_back,
             "items_by_state": dg.MetadataValue.json(totals.items_by_state),
             "provider": provider.name,
             "queue_quota": dg.MetadataValue.md("\n".join(f"- {view.line()}" for view in queues) or "no queued work"),

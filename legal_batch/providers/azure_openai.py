@@ -4,7 +4,8 @@ Configured by the SDK's standard variables (`AZURE_OPENAI_ENDPOINT`, `AZURE_OPEN
 `AZURE_OPENAI_AD_TOKEN`, `OPENAI_API_VERSION`) plus `AZURE_OPENAI_BATCH_DEPLOYMENT`, the name of a
 Global Batch deployment (e.g. of gpt-4o-mini), which the provider factory
 (`resources/providers.py`) reads and passes in. Everything but the differences below is shared with
-the `openai` provider (`OpenAIStyleProvider`).
+the `openai` provider (`OpenAIStyleProvider`), its retries too (one layer per call: see its module
+docstring).
 
 Differences from OpenAI: lines use `url` `/chat/completions` and `body.model` = the deployment name,
 the same on every line (no BOM, no duplicate `custom_id`); ≤ 100,000 requests and 200 MB per job;

@@ -19,6 +19,11 @@ at most); the job name carries the shard key and our client token, the client to
 as `clientRequestToken`, so a create retried after a crash returns the same job and `find_job`
 finds it by name.
 
+Retries, one layer per client: the `s3` and `bedrock` clients use botocore's standard retries
+(throttling, 5xx, connection errors; a create retried sends the same `clientRequestToken`, so it
+returns the same job); the `runtime` client has botocore's retries off and the real-time path
+retries InvokeModel itself (`realtime_attempts`, exponential back-off with jitter).
+
 Record formats: `{"recordId": custom_id, "modelInput": <InvokeModel body>}`; outputs are
 `{recordId, modelInput, modelOutput}` or `{recordId, modelInput, error: {errorCode, errorMessage}}`
 in no particular order (always joined on `recordId`). Supported models: Amazon Titan Text
@@ -170,16 +175,20 @@ def _session() -> boto3.session.Session:
 
 def aws_clients(*, max_retries: int = 5, fallback_region: str | None = None) -> dict[str, Any]:
     """The `s3`, `bedrock` and `runtime` clients `BedrockProvider` takes, from boto3's own
-    configuration (region, endpoints, credentials, profiles), with botocore's standard retries.
+    configuration (region, endpoints, credentials, profiles).
 
-    `max_retries` is botocore's retries `max_attempts` (in botocore: retries after the first call, so
-    5 means up to 6 calls). `fallback_region`: the region when boto3 finds none."""
-    config = Config(retries={"mode": "standard", "max_attempts": max_retries})
+    `max_retries`: botocore's standard retries of the `s3` and `bedrock` clients, its `max_attempts`
+    (in botocore: retries after the first call, so 5 means up to 6 calls). The `runtime` client does
+    not retry: `BedrockProvider.realtime` does (see the module docstring). `fallback_region`: the
+    region when boto3 finds none."""
+    retrying = Config(retries={"mode": "standard", "max_attempts": max_retries})
+    once = Config(retries={"mode": "standard", "max_attempts": 0})
     try:
         with _SESSION_LOCK:  # boto3 sessions are not thread-safe; the clients they make are
             session = _session()
             region = session.region_name or fallback_region
-            clients = {name: session.client(name, region_name=region, config=config)
+            clients = {name: session.client(name, region_name=region,
+                                             config=once if name == "bedrock-runtime" else retrying)
                        for name in ("s3", "bedrock", "bedrock-runtime")}
     except NoRegionError:
         raise ProviderError("no AWS region configured: set AWS_REGION (or AWS_DEFAULT_REGION, or a region in "
@@ -493,8 +502,8 @@ class BedrockProvider:
         """InvokeModel per request, `realtime_concurrency` at a time, results in request order.
 
         Throttling, timeouts, 5xx and network errors are retried with exponential back-off and
-        jitter (`realtime_attempts` in all, on top of botocore's own retries); what still fails
-        becomes a `Result` with the error."""
+        jitter (`realtime_attempts` in all; the runtime client itself does not retry); what still
+        fails becomes a `Result` with the error."""
         window = 2 * self.realtime_concurrency
         pool = ThreadPoolExecutor(max_workers=self.realtime_concurrency, thread_name_prefix="bedrock-invoke")
         pending: deque[Future[Result]] = deque()

@@ -12,6 +12,11 @@ Idempotency: `POST /batches` has no idempotency key, so the SDK's own retry coul
 batch. Creation therefore runs with SDK retries off; before a batch is created (again) the provider
 lists batches for one whose `metadata.client_token` is ours (`find_job`), so a lost answer or a crash
 never leaves two batches for one token.
+
+Retries, one layer per call: lifecycle calls (upload, list, poll, download, cancel) use the SDK's
+(`max_retries` on the client); batch creation and the real-time path go through the same client with
+SDK retries off (`_once`) and retry with `tenacity` — creation looking for its token before each
+retry, the real-time path with exponential back-off that respects `Retry-After`.
 """
 
 from __future__ import annotations

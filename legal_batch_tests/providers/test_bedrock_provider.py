@@ -432,6 +432,14 @@ def test_realtime_retries_injected_throttling_and_keeps_order(bucket: str, emula
     assert orjson.loads(calls[-1].body)["dimensions"] == 1024
 
 
+def test_realtime_retries_in_one_layer(bucket: str, emulator: BedrockBatchEmulator) -> None:
+    provider = make_provider(bucket, max_retries=5, realtime_attempts=2)  # botocore retries S3 and Bedrock only
+    emulator.add_runtime_fault(status=503, error_type="ServiceUnavailableException", times=10)
+    [result] = provider.realtime([EmbeddingRequest("busy", "text")], endpoint="embeddings", model=TITAN)
+    assert result.error is not None and result.error.startswith("ServiceUnavailableException")
+    assert len(emulator.requests_for("InvokeModel")) == 2
+
+
 def test_realtime_errors_become_results(bucket: str, emulator: BedrockBatchEmulator) -> None:
     provider = make_provider(bucket, max_retries=0, realtime_attempts=2)
 

@@ -466,7 +466,7 @@ def jobs(flow: Annotated[FlowChoice | None, _FLOW_OPTION] = None) -> None:
                        "est $", "actual $"):
             table.add_column(column, no_wrap=column in ("shard", "job id"))
         for job in rows:
-            state = job.state + (" (waiting)" if job.waiting_reason and job.state in ("planned", "exported") else "")
+            state = job.state + (" (waiting)" if job.waiting_reason and job.state in ledger.WAITING_JOB_STATES else "")
             table.add_row(job.shard_key, job.provider, job.provider_job_id or "-", state, str(job.request_count),
                           f"{job.est_input_tokens or 0:,}",
                           str(job.items_done if job.items_done is not None else "-"),

@@ -326,7 +326,7 @@ class FlowDriver:
             outage.recovered()
             if open_jobs == 0 and not waiting:
                 with self._database().connect() as conn:
-                    retryable = ledger.summary(conn, self.flow).items_by_state.get("retryable", 0)
+                    retryable = ledger.summary(conn, self.flow).items_by_state.get(ledger.ItemState.RETRYABLE, 0)
                 if retryable == 0 or replans >= get_settings().max_attempts:
                     run.drained = True
                     return run

@@ -13,6 +13,7 @@ from dotenv import load_dotenv
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from legal_batch.core import cost
 from legal_batch.core.quota import QuotaPolicy
 
 EmbeddingsProvider = Literal["local", "openai", "bedrock"]
@@ -123,6 +124,11 @@ class Settings(BaseSettings):
     budget_usd: str | None = Field(
         default=None, description='Spend cap in USD: a number for all flows together, or JSON per flow, e.g. '
         '{"embeddings": 20, "headnotes": 150, "*": 160}.')
+    prices: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description='Prices to add or override, USD per 1M tokens (input, output) at the '
+        'real-time rate, JSON, e.g. {"my-model": [0.15, 0.6]}; unset → the built-in list (core/cost.py).')
+    batch_discount: float = Field(default=0.5, description="Share of the real-time price a batch job saves, every "
+                                  "provider.")
     s3_bucket: str | None = None
     s3_prefix: str = "legal-batch"
     bedrock_role_arn: str | None = None
@@ -208,11 +214,13 @@ def _cached() -> Settings:
     from legal_batch.core.errors import UserError
 
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
         raise UserError(_describe_invalid(exc)) from None
     except SettingsError as exc:  # a JSON setting that is not JSON
         raise UserError(_describe_unparsable(exc)) from None
+    cost.configure(prices=settings.prices, batch_discount=settings.batch_discount)
+    return settings
 
 
 def get_settings(*, fresh: bool = False) -> Settings:

@@ -177,6 +177,7 @@ def write_request_file(conn: psycopg.Connection, flow: Flow, provider: BatchProv
 class SubmitOutcome:
     shard_key: str
     state: str
+    """The job's state after the call, a plain str (it goes into Dagster metadata, which refuses enums)."""
     provider_job_id: str | None
     message: str
 
@@ -193,7 +194,7 @@ def submit_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
     kept under `files_root` for its ingest (see `_serve_realtime`)."""
     key = (_SUBMIT_LOCK << 32) + ledger.get_job(conn, shard_key).id
     if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
-        return SubmitOutcome(shard_key, "submitting", None, "another process is submitting this shard; skipped")
+        return SubmitOutcome(shard_key, JobState.SUBMITTING.value, None, "another process is submitting this shard; skipped")
     try:
         return _submit_locked(conn, flow, provider, shard_key, max_attempts=max_attempts,
                               policy=policy or QuotaPolicy(), files_root=files_root)
@@ -221,7 +222,7 @@ def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider
                                     kind=provider.limits.quota_kind, policy=policy)
             if admission.split_to is not None:
                 keys = _split(conn, job, provider, admission.split_to)
-                return SubmitOutcome(shard_key, "split", None, f"{admission.reason} into {len(keys)} shards "
+                return SubmitOutcome(shard_key, JobState.SPLIT.value, None, f"{admission.reason} into {len(keys)} shards "
                                      f"({', '.join(keys)}); each is submitted when the quota has room")
             if not admission.ok:
                 quota.hold(conn, job.id, admission.reason or "waiting")
@@ -242,16 +243,16 @@ def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider
         with conn.transaction():
             note = _requeue_for_quota(conn, provider, ledger.get_job(conn, shard_key, for_update=True), str(exc),
                                       retry_after=exc.retry_after, policy=policy)
-        return SubmitOutcome(shard_key, "exported", None, f"provider quota refused the job ({exc}); {note}")
+        return SubmitOutcome(shard_key, JobState.EXPORTED.value, None, f"provider quota refused the job ({exc}); {note}")
     except ProviderError as exc:
         if exc.retryable:
             raise  # left `submitting`: the next attempt reconciles first
         with conn.transaction():
-            ledger.update_job(conn, job.id, state="failed", last_error=f"submit refused: {exc}",
+            ledger.update_job(conn, job.id, state=JobState.FAILED, last_error=f"submit refused: {exc}",
                               finished_at=datetime.now(UTC))
             retry, failed = ledger.release_items(conn, job.id, reason=f"shard {shard_key} refused at submit: {exc}",
                                                  max_attempts=max_attempts)
-        return SubmitOutcome(shard_key, "failed", None, f"provider refused the job: {exc}; {retry} items "
+        return SubmitOutcome(shard_key, JobState.FAILED.value, None, f"provider refused the job: {exc}; {retry} items "
                              f"requeued for a later shard, {failed} failed after {max_attempts} attempts")
     crash_point("after_provider_accepted")
     with conn.transaction():
@@ -259,7 +260,7 @@ def _submit_locked(conn: psycopg.Connection, flow: Flow, provider: BatchProvider
         if submitted.status.quota_exceeded:  # created, and already failed for the enqueued-token quota
             note = _requeue_for_quota(conn, provider, ledger.get_job(conn, shard_key, for_update=True),
                                       submitted.status.message or "token_limit_exceeded", policy=policy)
-            return SubmitOutcome(shard_key, "exported", None, f"provider job {submitted.provider_job_id} was "
+            return SubmitOutcome(shard_key, JobState.EXPORTED.value, None, f"provider job {submitted.provider_job_id} was "
                                  f"refused for quota ({submitted.status.message}); {note}")
     return SubmitOutcome(shard_key, submitted.status.state, submitted.provider_job_id,
                          f"submitted {job.request_count} requests as {submitted.provider_job_id}")
@@ -304,8 +305,7 @@ def _serve_realtime(conn: psycopg.Connection, flow: Flow, provider: BatchProvide
         if over is not None:
             quota.hold(conn, job.id, over)
             return SubmitOutcome(shard_key, job.state, None, f"{over}; not served yet")
-        conn.execute("UPDATE batch_items SET state = 'submitted', attempts = attempts + 1, updated_at = now()"
-                     " WHERE job_id = %s AND state = 'exported'", (job.id,))
+        ledger.submit_items(conn, job.id)
         submitted_at = datetime.now(UTC)
         requests = list(flow.requests(conn, job.id))
         path = output_dir(files_root, job.flow, shard_key) / REALTIME_OUTPUT
@@ -315,11 +315,11 @@ def _serve_realtime(conn: psycopg.Connection, flow: Flow, provider: BatchProvide
                 out.write(_realtime_line(result))
                 answered += result.error is None
                 errors += result.error is not None
-        ledger.update_job(conn, job.id, state="completed", provider_status="realtime", submitted_at=submitted_at,
+        ledger.update_job(conn, job.id, state=JobState.COMPLETED, provider_status="realtime", submitted_at=submitted_at,
                           finished_at=datetime.now(UTC), submit_attempts=job.submit_attempts + 1,
                           output_location=str(path), completed_count=answered, failed_count=errors,
                           next_submit_at=None, waiting_reason=None, waiting_since=None)
-    return SubmitOutcome(shard_key, "completed", None,
+    return SubmitOutcome(shard_key, JobState.COMPLETED.value, None,
                          f"{job.request_count} requests are below the provider's minimum per batch job "
                          f"({provider.limits.min_records_per_job}): served in real time ({answered} answered, "
                          f"{errors} errors) into {path}; the shard's ingest writes the results")
@@ -363,11 +363,7 @@ def _record_submitted(conn: psycopg.Connection, job: JobRow, submitted: Submitte
                       provider_status=submitted.status.raw_status, submitted_at=datetime.now(UTC),
                       input_location=submitted.input_location, next_submit_at=None, last_error=None,
                       waiting_reason=None, waiting_since=None)
-    conn.execute(
-        "UPDATE batch_items SET state = 'submitted', attempts = attempts + 1, updated_at = now()"
-        " WHERE job_id = %s AND state = 'exported'",
-        (job.id,),
-    )
+    ledger.submit_items(conn, job.id)
     if submitted.status.state == "running":
         quota.note_accepted(conn, provider=job.provider, model=job.model)
 
@@ -448,7 +444,7 @@ def poll_open_jobs(conn: psycopg.Connection, providers: Callable[[str], BatchPro
 _POLLED_STATES = ledger.QUEUED_JOB_STATES
 _RECORD_BATCH = 50
 """Fetched statuses recorded per transaction: each commit waits for the WAL flush (~1-2 ms)."""
-_STEP = {"submitting": 0, "pending": 1, "running": 2}
+_STEP = {JobState.SUBMITTING: 0, JobState.PENDING: 1, JobState.RUNNING: 2}
 """How far a job has come; every terminal state is step 3. A recorded status never lowers it."""
 _LISTING_MARGIN = timedelta(hours=1)
 """How much earlier than our `submitted_at` a provider may have stamped a job's creation (clocks)."""
@@ -553,11 +549,7 @@ def _requeue_for_quota(conn: psycopg.Connection, provider: BatchProvider, job: J
     )
     conn.execute(
         "UPDATE batch_jobs SET waiting_since = coalesce(waiting_since, now()) WHERE id = %s", (job.id,))
-    conn.execute(
-        "UPDATE batch_items SET state = 'exported', attempts = greatest(attempts - 1, 0), updated_at = now()"
-        " WHERE job_id = %s AND state = 'submitted'",
-        (job.id,),
-    )
+    ledger.unsubmit_items(conn, job.id)
     log.warning("shard %s: %s refused for quota; %s; requeued, next try %s", job.shard_key, refused, learned.note,
                 when)
     return f"requeued, not failed; {learned.note}; next try {when}"
@@ -565,7 +557,7 @@ def _requeue_for_quota(conn: psycopg.Connection, provider: BatchProvider, job: J
 
 def status_of(job: JobRow) -> JobStatus:
     """The last recorded provider status of a job."""
-    return JobStatus(state=job.state if job.state in TERMINAL_STATES else "running",  # type: ignore[arg-type]
+    return JobStatus(state=job.state if job.state in ledger.TERMINAL_JOB_STATES else "running",  # type: ignore[arg-type]
                      raw_status=job.provider_status or job.state, total=job.request_count,
                      completed=job.completed_count, failed=job.failed_count, output_location=job.output_location,
                      error_location=job.error_location, message=job.last_error)
@@ -597,7 +589,7 @@ def _download_locked(conn: psycopg.Connection, provider: BatchProvider, shard_ke
     if job.state == JobState.INGESTED:
         dest = output_dir(files_root, job.flow, shard_key)
         return sorted(dest.glob("*")) if dest.exists() else []
-    if job.state not in TERMINAL_STATES:
+    if job.state not in ledger.TERMINAL_JOB_STATES:
         raise ShardNotReady(
             f"shard {shard_key}: provider job {job.provider_job_id} is {job.state}, not finished; the job-status "
             "sensor requests the download when it is"
@@ -657,7 +649,7 @@ def ingest_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
             if job.state == JobState.INGESTED:
                 report.already_ingested = True
                 return report
-            if job.state not in TERMINAL_STATES:
+            if job.state not in ledger.TERMINAL_JOB_STATES:
                 raise ShardNotReady(f"shard {shard_key}: job {job.provider_job_id} is {job.state}; ingest after it "
                                     "finishes")
             results = (iter_realtime_results(files) if job.mode == "realtime"

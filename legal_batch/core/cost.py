@@ -1,13 +1,13 @@
 """Token prices per model (USD per 1M tokens, real-time) and the batch discount.
 
 Override or extend with `LEGAL_BATCH_PRICES` (JSON: `{"model": [input, output], ...}`); the batch
-discount (`LEGAL_BATCH_BATCH_DISCOUNT`, default 0.5) applies to every provider's batch jobs.
+discount (`LEGAL_BATCH_BATCH_DISCOUNT`, default 0.5) applies to every provider's batch jobs. Both
+are settings: loading them (`settings.get_settings`) passes them here through `configure`.
 """
 
 from __future__ import annotations
 
-import json
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -27,16 +27,19 @@ PRICES: dict[str, tuple[float, float]] = {
 }
 
 
-def _prices() -> dict[str, tuple[float, float]]:
-    override = os.environ.get("LEGAL_BATCH_PRICES")
-    if not override:
-        return PRICES
-    extra = {k: (float(v[0]), float(v[1])) for k, v in json.loads(override).items()}
-    return {**PRICES, **extra}
+_prices: dict[str, tuple[float, float]] = PRICES
+_batch_discount = 0.5
+
+
+def configure(*, prices: Mapping[str, tuple[float, float]], batch_discount: float) -> None:
+    """Use `prices` (added to, or replacing, the list prices above) and `batch_discount` from now on."""
+    global _prices, _batch_discount
+    _prices = {**PRICES, **{model: (float(i), float(o)) for model, (i, o) in prices.items()}}
+    _batch_discount = float(batch_discount)
 
 
 def batch_discount() -> float:
-    return float(os.environ.get("LEGAL_BATCH_BATCH_DISCOUNT", "0.5"))
+    return _batch_discount
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class Cost:
 
 def price(model: str, *, input_tokens: int, output_tokens: int = 0, batch: bool = True) -> Cost:
     """Cost of the tokens at batch price (and the real-time equivalent for comparison)."""
-    table = _prices()
+    table = _prices
     key = next((k for k in (model, model.split("/")[-1]) if k in table), None)
     if key is None:
         return Cost(Decimal(0), Decimal(0), priced=False)

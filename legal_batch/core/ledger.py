@@ -65,6 +65,27 @@ QUEUED_JOB_STATES = (JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING)
 """Shards in the provider's queue (what its queue quota counts, what the status sensor polls)."""
 TERMINAL_JOB_STATES = (JobState.COMPLETED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED)
 """Finished at the provider; ready for download and ingest."""
+ACCEPTED_JOB_STATES = (JobState.PENDING, JobState.RUNNING, *TERMINAL_JOB_STATES)
+"""Accepted by the provider and not ingested yet: where a `submitted` item belongs."""
+UNINGESTED_JOB_STATES = (*QUEUED_JOB_STATES, *TERMINAL_JOB_STATES)
+"""Handed to the provider and not ingested yet: the cost is committed but not recorded as actual spend."""
+SETTLED_JOB_STATES = (JobState.INGESTED, JobState.FAILED, JobState.CANCELLED)
+"""Jobs the ledger is finished with: ingested, refused at submit or failed at the provider, or cancelled."""
+ITEM_CLOSED_WITHOUT_RESULT_STATES = (ItemState.RETRYABLE, ItemState.FAILED)
+"""Closed without a result: to be planned again (`retryable`) or given up on (`failed`)."""
+ITEM_CLAIMABLE_STATES = (ItemState.RETRYABLE, ItemState.DONE)
+"""An item a new shard may take over (a retry, or a done subject requested again, e.g. to overwrite)."""
+ITEM_NOT_CANDIDATE_STATES = (*ITEM_OPEN_STATES, ItemState.FAILED)
+"""A subject with an item in one of these is not a candidate: in flight, or failed for good."""
+
+
+def sql_in(states: Iterable[JobState | ItemState]) -> str:
+    """`('exported', 'submitted')`: a state group as an SQL list, for SQL kept as a constant where a
+    parameter cannot go. Only the ledger's own states are accepted, so no value reaches the SQL."""
+    members = list(states)
+    if not members or not all(isinstance(s, JobState | ItemState) for s in members):
+        raise ValueError(f"not a group of ledger states: {members!r}")
+    return "(" + ", ".join(f"'{s.value}'" for s in members) + ")"
 
 
 @dataclass(frozen=True)
@@ -193,8 +214,6 @@ class PlanResult:
     shard_keys: list[str]
     planned_items: int
     rejected_items: int
-    held_back: int
-    """Candidates left unplanned because a final shard would be under the provider's minimum."""
 
 
 def plan_shards(
@@ -207,7 +226,6 @@ def plan_shards(
     params: dict,
     limits: ShardLimits,
     max_shards: int | None = None,
-    allow_small_final_shard: bool = True,
     job_params: dict | None = None,
 ) -> PlanResult:
     """Cut the flow's current candidates into new shards, recording jobs and items in one transaction.
@@ -220,7 +238,7 @@ def plan_shards(
     recorded as soon as it is cut, so memory stays flat however many candidates there are.
     """
     shard_keys: list[str] = []
-    planned = rejected = held_back = 0
+    planned = rejected = 0
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(flow),))
         existing = conn.execute("SELECT count(*) FROM batch_jobs WHERE flow = %s", (flow,)).fetchone()[0]
@@ -249,9 +267,6 @@ def plan_shards(
             if max_shards is not None and len(shard_keys) >= max_shards:
                 break
             mode = "realtime" if len(shard) < limits.min_records else "batch"
-            if mode == "realtime" and not allow_small_final_shard:
-                held_back += len(shard)
-                continue
             existing += 1
             digest = hashlib.sha256()
             for c in shard:
@@ -264,15 +279,15 @@ def plan_shards(
             planned += len(shard)
         if too_big:
             rejected = _record_rejected(conn, flow, too_big, limits.max_input_tokens)
-    return PlanResult(shard_keys, planned, rejected, held_back)
+    return PlanResult(shard_keys, planned, rejected)
 
 
 def _insert_job(conn: psycopg.Connection, *, flow: str, provider: str, model: str, mode: str, shard_key: str,
                 requests: int, tokens: int, params: dict | None) -> int:
     return conn.execute(
         "INSERT INTO batch_jobs (flow, provider, model, mode, shard_key, client_token, state, request_count,"
-        " est_input_tokens, params) VALUES (%s, %s, %s, %s, %s, %s, 'planned', %s, %s, %s) RETURNING id",
-        (flow, provider, model, mode, shard_key, new_client_token(), requests, tokens,
+        " est_input_tokens, params) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+        (flow, provider, model, mode, shard_key, new_client_token(), JobState.PLANNED, requests, tokens,
          None if params is None else Jsonb(params)),
     ).fetchone()[0]
 
@@ -302,8 +317,8 @@ def split_shard(conn: psycopg.Connection, job: JobRow, *, max_tokens: int, min_r
         new_id = _insert_job(conn, flow=job.flow, provider=job.provider, model=job.model,
                              mode="realtime" if len(piece) < min_records else "batch", shard_key=key,
                              requests=len(piece), tokens=sum(t for _, t in piece), params=job.params)
-        conn.execute("UPDATE batch_items SET job_id = %s, state = 'exported', updated_at = now()"
-                     " WHERE id = ANY(%s)", (new_id, [i for i, _ in piece]))
+        conn.execute("UPDATE batch_items SET job_id = %s, state = %s, updated_at = now()"
+                     " WHERE id = ANY(%s)", (new_id, ItemState.EXPORTED, [i for i, _ in piece]))
         keys.append(key)
     update_job(conn, job.id, state=JobState.SPLIT, split_into=keys, waiting_reason=None, next_submit_at=None,
                last_error=f"split into {len(keys)} shards of at most {max_tokens:,} tokens to fit the provider's "
@@ -327,11 +342,11 @@ def _claim_items(conn: psycopg.Connection, flow: str, job_id: int, shard: list[C
             copy.write_row((c.subject_key, c.custom_id, c.tokens))
     claimed = conn.execute(
         "INSERT INTO batch_items (flow, subject_key, custom_id, job_id, state, input_tokens)"
-        " SELECT %s, subject_key, custom_id, %s, 'exported', tokens FROM plan_items"
-        " ON CONFLICT (flow, subject_key) DO UPDATE SET job_id = excluded.job_id, state = 'exported',"
+        " SELECT %(flow)s, subject_key, custom_id, %(job)s, %(exported)s, tokens FROM plan_items"
+        " ON CONFLICT (flow, subject_key) DO UPDATE SET job_id = excluded.job_id, state = %(exported)s,"
         "   custom_id = excluded.custom_id, input_tokens = excluded.input_tokens, updated_at = now()"
-        " WHERE batch_items.state IN ('retryable', 'done')",
-        (flow, job_id),
+        " WHERE batch_items.state = ANY(%(claimable)s)",
+        {"flow": flow, "job": job_id, "exported": ItemState.EXPORTED, "claimable": list(ITEM_CLAIMABLE_STATES)},
     ).rowcount
     if claimed != len(shard):
         raise RuntimeError(
@@ -344,13 +359,14 @@ def _record_rejected(conn: psycopg.Connection, flow: str, rejected: list[Candida
     with conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO batch_items (flow, subject_key, custom_id, state, last_error, input_tokens)"
-            " VALUES (%s, %s, %s, 'failed', %s, %s)"
-            " ON CONFLICT (flow, subject_key) DO UPDATE SET state = 'failed', last_error = excluded.last_error,"
-            "  job_id = NULL, updated_at = now() WHERE batch_items.state IN ('retryable', 'done')",
+            " VALUES (%(flow)s, %(subject)s, %(custom_id)s, %(failed)s, %(reason)s, %(tokens)s)"
+            " ON CONFLICT (flow, subject_key) DO UPDATE SET state = %(failed)s, last_error = excluded.last_error,"
+            "  job_id = NULL, updated_at = now() WHERE batch_items.state = ANY(%(claimable)s)",
             [
-                (flow, c.subject_key, c.custom_id,
-                 f"{c.tokens} tokens exceed the model's input limit of {limit}; lower the chunk size "
-                 "(LEGAL_BATCH_CHUNK_MAX_TOKENS) and re-chunk this record", c.tokens)
+                {"flow": flow, "subject": c.subject_key, "custom_id": c.custom_id, "failed": ItemState.FAILED,
+                 "reason": f"{c.tokens} tokens exceed the model's input limit of {limit}; lower the chunk size "
+                           "(LEGAL_BATCH_CHUNK_MAX_TOKENS) and re-chunk this record",
+                 "tokens": c.tokens, "claimable": list(ITEM_CLAIMABLE_STATES)}
                 for c in rejected
             ],
         )
@@ -359,14 +375,16 @@ def _record_rejected(conn: psycopg.Connection, flow: str, rejected: list[Candida
 
 def record_failed_subjects(conn: psycopg.Connection, flow: str, failures: Iterable[tuple[str, str]]) -> int:
     """Mark subjects that cannot be requested at all (e.g. empty text) as failed with a reason."""
-    rows = [(flow, key, key, reason) for key, reason in failures]
+    rows = [{"flow": flow, "subject": key, "reason": reason, "failed": ItemState.FAILED} for key, reason in failures]
     if not rows:
         return 0
     with conn.cursor() as cur:
         cur.executemany(
-            "INSERT INTO batch_items (flow, subject_key, custom_id, state, last_error) VALUES (%s, %s, %s, 'failed', %s)"
-            " ON CONFLICT (flow, subject_key) DO UPDATE SET state = 'failed', last_error = excluded.last_error,"
-            "  updated_at = now() WHERE batch_items.state <> 'failed' OR batch_items.last_error <> excluded.last_error",
+            "INSERT INTO batch_items (flow, subject_key, custom_id, state, last_error)"
+            " VALUES (%(flow)s, %(subject)s, %(subject)s, %(failed)s, %(reason)s)"
+            " ON CONFLICT (flow, subject_key) DO UPDATE SET state = %(failed)s, last_error = excluded.last_error,"
+            "  updated_at = now()"
+            " WHERE batch_items.state <> %(failed)s OR batch_items.last_error <> excluded.last_error",
             rows,
         )
     return len(rows)
@@ -378,12 +396,12 @@ def record_served_subjects(conn: psycopg.Connection, flow: str, subjects_sql: st
     is never touched. Returns how many were closed."""
     return conn.execute(
         "INSERT INTO batch_items (flow, subject_key, custom_id, state, input_tokens)"
-        f" SELECT %(_flow)s, s.subject_key, s.custom_id, 'done', s.tokens FROM ({subjects_sql}) AS s"
+        f" SELECT %(_flow)s, s.subject_key, s.custom_id, %(_done)s, s.tokens FROM ({subjects_sql}) AS s"
         "   (subject_key, custom_id, tokens)"
-        " ON CONFLICT (flow, subject_key) DO UPDATE SET state = 'done', job_id = NULL, last_error = NULL,"
+        " ON CONFLICT (flow, subject_key) DO UPDATE SET state = %(_done)s, job_id = NULL, last_error = NULL,"
         "   custom_id = excluded.custom_id, input_tokens = excluded.input_tokens, updated_at = now()"
-        " WHERE batch_items.state NOT IN ('exported', 'submitted')",
-        {**params, "_flow": flow},
+        " WHERE batch_items.state <> ALL(%(_open)s)",
+        {**params, "_flow": flow, "_done": ItemState.DONE, "_open": list(ITEM_OPEN_STATES)},
     ).rowcount
 
 
@@ -417,8 +435,8 @@ def forget_subjects(conn: psycopg.Connection, flow: str, subject_keys: list[str]
     if not subject_keys:
         return 0
     return conn.execute(
-        "DELETE FROM batch_items WHERE flow = %s AND subject_key = ANY(%s) AND state NOT IN ('exported', 'submitted')",
-        (flow, subject_keys),
+        "DELETE FROM batch_items WHERE flow = %s AND subject_key = ANY(%s) AND state <> ALL(%s)",
+        (flow, subject_keys, list(ITEM_OPEN_STATES)),
     ).rowcount
 
 
@@ -475,20 +493,34 @@ def record_ingest_failure(conn: psycopg.Connection, job: JobRow, *, reason: str)
     with conn.cursor(row_factory=class_row(JobRow)) as cur:
         return cur.execute(
             f"UPDATE batch_jobs SET ingest_failures = ingest_failures + 1, last_error = %s, updated_at = now()"
-            f" WHERE id = %s AND ingest_failures = %s AND state <> 'ingested' RETURNING {_JOB_COLUMNS}",
-            (reason, job.id, job.ingest_failures),
+            f" WHERE id = %s AND ingest_failures = %s AND state <> %s RETURNING {_JOB_COLUMNS}",
+            (reason, job.id, job.ingest_failures, JobState.INGESTED),
         ).fetchone()
+
+
+def submit_items(conn: psycopg.Connection, job_id: int) -> None:
+    """The job's `exported` items become `submitted`, each counting one more attempt."""
+    conn.execute("UPDATE batch_items SET state = %s, attempts = attempts + 1, updated_at = now()"
+                 " WHERE job_id = %s AND state = %s", (ItemState.SUBMITTED, job_id, ItemState.EXPORTED))
+
+
+def unsubmit_items(conn: psycopg.Connection, job_id: int) -> None:
+    """The job's `submitted` items go back to `exported` with the attempt taken back (the provider
+    refused the job for quota: never an item failure)."""
+    conn.execute("UPDATE batch_items SET state = %s, attempts = greatest(attempts - 1, 0), updated_at = now()"
+                 " WHERE job_id = %s AND state = %s", (ItemState.EXPORTED, job_id, ItemState.SUBMITTED))
 
 
 def release_items(conn: psycopg.Connection, job_id: int, *, reason: str, max_attempts: int) -> tuple[int, int]:
     """Every open item of a job that produced nothing becomes retryable (or failed past the bound)."""
     rows = conn.execute(
-        "UPDATE batch_items SET state = CASE WHEN attempts >= %(max)s THEN 'failed' ELSE 'retryable' END,"
+        "UPDATE batch_items SET state = CASE WHEN attempts >= %(max)s THEN %(failed)s ELSE %(retryable)s END,"
         " last_error = %(reason)s, updated_at = now()"
         " WHERE job_id = %(job)s AND state = ANY(%(open)s) RETURNING state",
-        {"max": max_attempts, "reason": reason, "job": job_id, "open": list(ITEM_OPEN_STATES)},
+        {"max": max_attempts, "reason": reason, "job": job_id, "open": list(ITEM_OPEN_STATES),
+         "failed": ItemState.FAILED, "retryable": ItemState.RETRYABLE},
     ).fetchall()
-    failed = sum(1 for (s,) in rows if s == "failed")
+    failed = sum(1 for (s,) in rows if s == ItemState.FAILED)
     return len(rows) - failed, failed
 
 

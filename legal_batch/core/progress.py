@@ -17,7 +17,8 @@ from decimal import Decimal
 import psycopg
 from psycopg.rows import class_row
 
-from legal_batch.core import cost
+from legal_batch.core import cost, ledger
+from legal_batch.core.ledger import ItemState, JobState
 
 Log = Callable[[str], None]
 
@@ -67,7 +68,8 @@ class FlowProgress:
                 f"(est. ${self.est_cost_usd:.4f}; ${self.realtime_equivalent_usd:.4f} in real time)")
 
 
-_OPEN_JOB_STATES = ("planned", "exported", "submitting", "pending", "running", "completed", "partial")
+_OPEN_JOB_STATES = (*ledger.WAITING_JOB_STATES, *ledger.QUEUED_JOB_STATES, JobState.COMPLETED, JobState.PARTIAL)
+"""Jobs counted as open in the totals: not submitted yet, at the provider, or finished with results to ingest."""
 
 
 def flow_progress(conn: psycopg.Connection, flow: str) -> FlowProgress:
@@ -76,9 +78,9 @@ def flow_progress(conn: psycopg.Connection, flow: str) -> FlowProgress:
     items = dict(conn.execute("SELECT state, count(*) FROM batch_items WHERE flow = %s GROUP BY state",
                               (flow,)).fetchall())
     jobs_open, jobs_ingested, est, actual = conn.execute(
-        "SELECT count(*) FILTER (WHERE state = ANY(%s)), count(*) FILTER (WHERE state = 'ingested'),"
+        "SELECT count(*) FILTER (WHERE state = ANY(%s)), count(*) FILTER (WHERE state = %s),"
         " coalesce(sum(est_cost_usd), 0), coalesce(sum(actual_cost_usd), 0) FROM batch_jobs WHERE flow = %s",
-        (list(_OPEN_JOB_STATES), flow),
+        (list(_OPEN_JOB_STATES), JobState.INGESTED, flow),
     ).fetchone()
     realtime = Decimal(0)
     input_tokens = output_tokens = 0
@@ -89,8 +91,9 @@ def flow_progress(conn: psycopg.Connection, flow: str) -> FlowProgress:
         output_tokens += int(tokens_out)
         realtime += cost.price(model, input_tokens=int(tokens_in), output_tokens=int(tokens_out)).realtime_usd
     return FlowProgress(
-        flow=flow, items_done=items.get("done", 0), items_open=items.get("exported", 0) + items.get("submitted", 0),
-        items_retryable=items.get("retryable", 0), items_failed=items.get("failed", 0),
+        flow=flow, items_done=items.get(ItemState.DONE, 0),
+        items_open=sum(items.get(state, 0) for state in ledger.ITEM_OPEN_STATES),
+        items_retryable=items.get(ItemState.RETRYABLE, 0), items_failed=items.get(ItemState.FAILED, 0),
         jobs_open=jobs_open, jobs_ingested=jobs_ingested, input_tokens=input_tokens, output_tokens=output_tokens,
         est_cost_usd=Decimal(est), actual_cost_usd=Decimal(actual), realtime_equivalent_usd=realtime,
     )

@@ -32,17 +32,16 @@ import psycopg
 
 from legal_batch.core.cost import price
 from legal_batch.core.errors import UserError
-from legal_batch.core.ledger import JobState
+from legal_batch.core.ledger import (
+    QUEUED_JOB_STATES,
+    UNINGESTED_JOB_STATES,
+    UNSUBMITTED_JOB_STATES,
+    WAITING_JOB_STATES,
+    JobState,
+)
 
 QuotaKind = Literal["enqueued_tokens", "jobs"]
 QuotaSource = Literal["configured", "stated", "learned"]
-
-QUEUED_STATES = tuple(s.value for s in (JobState.SUBMITTING, JobState.PENDING, JobState.RUNNING))
-"""Job states the provider counts against its queue quota."""
-UNINGESTED_STATES = (*QUEUED_STATES, *(s.value for s in (JobState.COMPLETED, JobState.PARTIAL, JobState.FAILED,
-                                                              JobState.CANCELLED, JobState.EXPIRED)))
-"""Job states whose cost is committed but not yet recorded as actual spend."""
-WAITING_STATES = (JobState.PLANNED.value, JobState.EXPORTED.value)
 
 _GATE_LOCK = 0x4C44  # advisory lock namespace for "admitting a job to provider/model"
 
@@ -140,7 +139,7 @@ def queued(conn: psycopg.Connection, *, provider: str, model: str, excluding_job
     tokens, jobs = conn.execute(
         "SELECT coalesce(sum(est_input_tokens), 0), count(*) FROM batch_jobs WHERE provider = %s AND model = %s"
         " AND mode = 'batch' AND state = ANY(%s) AND id <> %s",
-        (provider, model, list(QUEUED_STATES), excluding_job or -1)).fetchone()
+        (provider, model, list(QUEUED_JOB_STATES), excluding_job or -1)).fetchone()
     return Queued(int(tokens), int(jobs))
 
 
@@ -198,7 +197,7 @@ def admissible(conn: psycopg.Connection, *, flow: str, provider: str, model: str
     waiting = conn.execute(
         "SELECT shard_key, coalesce(est_input_tokens, 0), mode, next_submit_at FROM batch_jobs"
         " WHERE flow = %s AND provider = %s AND model = %s AND state = ANY(%s) ORDER BY id",
-        (flow, provider, model, [*WAITING_STATES, JobState.SUBMITTING.value])).fetchall()
+        (flow, provider, model, list(UNSUBMITTED_JOB_STATES))).fetchall()
     chosen: list[str] = []
     clock = datetime.now(UTC)
     for shard_key, shard_tokens, mode, next_submit_at in waiting:
@@ -329,11 +328,13 @@ def refusal_backoff(job_refusals: int, *, learned: Learned, retry_after: float |
 def committed_usd(conn: psycopg.Connection, *, flow: str | None) -> Decimal:
     """Actual spend of ingested jobs plus the estimate of jobs submitted and not yet ingested."""
     value = conn.execute(
-        "SELECT coalesce(sum(CASE WHEN state = 'ingested' THEN coalesce(actual_cost_usd, est_cost_usd, 0)"
-        "  WHEN state = ANY(%s) AND (mode = 'batch' AND provider_job_id IS NOT NULL OR state = 'submitting')"
+        "SELECT coalesce(sum(CASE WHEN state = %(ingested)s THEN coalesce(actual_cost_usd, est_cost_usd, 0)"
+        "  WHEN state = ANY(%(uningested)s) AND (mode = 'batch' AND provider_job_id IS NOT NULL"
+        "                                    OR state = %(submitting)s)"
         "  THEN coalesce(est_cost_usd, 0) ELSE 0 END), 0)"
-        " FROM batch_jobs WHERE (%s::text IS NULL OR flow = %s)",
-        (list(UNINGESTED_STATES), flow, flow)).fetchone()[0]
+        " FROM batch_jobs WHERE (%(flow)s::text IS NULL OR flow = %(flow)s)",
+        {"ingested": JobState.INGESTED, "uningested": list(UNINGESTED_JOB_STATES),
+         "submitting": JobState.SUBMITTING, "flow": flow}).fetchone()[0]
     return Decimal(value)
 
 
@@ -357,7 +358,7 @@ def unsubmitted_estimate(conn: psycopg.Connection, *, flow: str) -> tuple[int, D
     count = 0
     for model, tokens, est, mode in conn.execute(
             "SELECT model, coalesce(est_input_tokens, 0), est_cost_usd, mode FROM batch_jobs"
-            " WHERE flow = %s AND state = ANY(%s)", (flow, [*WAITING_STATES, JobState.SUBMITTING.value])):
+            " WHERE flow = %s AND state = ANY(%s)", (flow, list(UNSUBMITTED_JOB_STATES))):
         count += 1
         total += est if est is not None else price(model, input_tokens=int(tokens), batch=mode == "batch").batch_usd
     return count, total
@@ -439,7 +440,7 @@ def queue_views(conn: psycopg.Connection, *, kinds: Mapping[str, QuotaKind | Non
         "SELECT DISTINCT provider, model FROM batch_jobs WHERE mode = 'batch' AND state = ANY(%s)"
         " AND (%s::text IS NULL OR flow = %s)"
         " UNION SELECT provider, model FROM provider_quotas ORDER BY 1, 2",
-        ([*WAITING_STATES, *QUEUED_STATES], flow, flow)).fetchall()
+        ([*WAITING_JOB_STATES, *QUEUED_JOB_STATES], flow, flow)).fetchall()
     views: list[QueueView] = []
     for provider, model in pairs:
         kind = kinds.get(provider)
@@ -448,11 +449,11 @@ def queue_views(conn: psycopg.Connection, *, kinds: Mapping[str, QuotaKind | Non
         shards, tokens, since = conn.execute(
             "SELECT count(*), coalesce(sum(est_input_tokens), 0), min(waiting_since) FROM batch_jobs"
             " WHERE provider = %s AND model = %s AND state = ANY(%s)",
-            (provider, model, list(WAITING_STATES))).fetchone()
+            (provider, model, list(WAITING_JOB_STATES))).fetchone()
         reason = conn.execute(
             "SELECT waiting_reason FROM batch_jobs WHERE provider = %s AND model = %s AND state = ANY(%s)"
             " AND waiting_reason IS NOT NULL ORDER BY updated_at DESC LIMIT 1",
-            (provider, model, list(WAITING_STATES))).fetchone()
+            (provider, model, list(WAITING_JOB_STATES))).fetchone()
         done_tokens, first = conn.execute(
             "SELECT coalesce(sum(est_input_tokens), 0), min(submitted_at) FROM batch_jobs"
             " WHERE provider = %s AND model = %s AND mode = 'batch' AND finished_at > now() - interval '6 hours'",

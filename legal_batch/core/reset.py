@@ -32,9 +32,6 @@ from legal_batch.core.wording import plural
 from legal_batch.providers.base import BatchProvider, ProviderError
 
 _CHUNK_LOCK = 0x4C42_0C4B  # the embeddings flow's chunking lock: no chunking while its chunks go
-OPEN_JOB_STATES = ("submitting", "pending", "running")
-"""Jobs the provider may still be working on: cancelled before anything is removed."""
-UNINGESTED_STATES = ("completed", "partial", "failed", "cancelled", "expired")
 
 
 @dataclass
@@ -100,10 +97,11 @@ def plan_reset(conn: psycopg.Connection, flow: str, *, cache: bool = False, sour
     source = source or CaseSource()
     table = table or VectorTable()
     plan = ResetPlan(flow, cache=cache)
-    plan.open_jobs = ledger.list_jobs(conn, flow=flow, states=OPEN_JOB_STATES)
+    # jobs the provider may still be working on: cancelled before anything is removed
+    plan.open_jobs = ledger.list_jobs(conn, flow=flow, states=ledger.QUEUED_JOB_STATES)
     plan.jobs = _count(conn, "SELECT count(*) FROM batch_jobs WHERE flow = %s", flow)
     plan.finished_not_ingested = _count(conn, "SELECT count(*) FROM batch_jobs WHERE flow = %s AND state = ANY(%s)",
-                                        flow, list(UNINGESTED_STATES))
+                                        flow, list(ledger.TERMINAL_JOB_STATES))
     plan.items = _count(conn, "SELECT count(*) FROM batch_items WHERE flow = %s", flow)
     plan.shard_keys = [key for (key,) in conn.execute("SELECT shard_key FROM batch_jobs WHERE flow = %s", (flow,))]
     if flow == "embeddings":
@@ -163,7 +161,7 @@ def apply_reset(conn: psycopg.Connection, plan: ResetPlan, *, source: CaseSource
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHUNK_LOCK,))
         ledger.lock_planning(conn, flow)
         keys = {key for (key,) in conn.execute("SELECT shard_key FROM batch_jobs WHERE flow = %s", (flow,))}
-        opened = {j.shard_key for j in ledger.list_jobs(conn, flow=flow, states=OPEN_JOB_STATES)}
+        opened = {j.shard_key for j in ledger.list_jobs(conn, flow=flow, states=ledger.QUEUED_JOB_STATES)}
         if not keys <= set(plan.shard_keys) or not opened <= {j.shard_key for j in plan.open_jobs}:
             raise UserError(f"another process planned or submitted {flow} work while the reset was being confirmed; "
                             "nothing was removed: stop it (the Dagster daemon, another run) and run the reset again",

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from legal_batch.core import ledger
+from legal_batch.core.ledger import ItemState, JobState
+
 
 @dataclass(frozen=True)
 class Violation:
@@ -45,29 +48,27 @@ _RULES: list[tuple[str, str, str]] = [
         "open item in a job that is not open",
         "SELECT i.subject_key || ' (' || i.state || ', job ' || j.shard_key || ' ' || j.state || ')'"
         " FROM batch_items i JOIN batch_jobs j ON j.id = i.job_id"
-        " WHERE i.flow = %(flow)s AND ((i.state = 'exported' AND j.state NOT IN ('planned', 'exported', 'submitting'))"
-        "   OR (i.state = 'submitted' AND j.state NOT IN ('pending', 'running', 'completed', 'partial', 'failed',"
-        "       'cancelled', 'expired')))",
+        " WHERE i.flow = %(flow)s AND ((i.state = %(exported)s AND j.state <> ALL(%(unsubmitted)s))"
+        "   OR (i.state = %(submitted)s AND j.state <> ALL(%(accepted)s)))",
         "run the flow's ingest for that shard (`legal-batch <flow> ingest`); an ingested job's leftovers are "
         "released by re-running ingest after resetting the job state to its provider status",
     ),
     (
         "open item without a job",
-        "SELECT subject_key FROM batch_items WHERE flow = %(flow)s AND state IN ('exported', 'submitted')"
-        " AND job_id IS NULL",
-        "UPDATE batch_items SET state = 'retryable' for these rows; the planner picks them up again",
+        "SELECT subject_key FROM batch_items WHERE flow = %(flow)s AND state = ANY(%(open)s) AND job_id IS NULL",
+        f"UPDATE batch_items SET state = '{ItemState.RETRYABLE}' for these rows; the planner picks them up again",
     ),
     (
         "failed or retryable item without a reason",
-        "SELECT subject_key FROM batch_items WHERE flow = %(flow)s AND state IN ('failed', 'retryable')"
+        "SELECT subject_key FROM batch_items WHERE flow = %(flow)s AND state = ANY(%(without_result)s)"
         " AND (last_error IS NULL OR last_error = '')",
         "inspect the job's error file; these items can be retried safely",
     ),
     (
         "open job whose items do not add up to its request count",
         "SELECT j.shard_key || ': ' || j.request_count || ' requests, ' || count(i.id) || ' open items'"
-        " FROM batch_jobs j LEFT JOIN batch_items i ON i.job_id = j.id AND i.state IN ('exported', 'submitted')"
-        " WHERE j.flow = %(flow)s AND j.state IN ('planned', 'exported', 'submitting', 'pending', 'running')"
+        " FROM batch_jobs j LEFT JOIN batch_items i ON i.job_id = j.id AND i.state = ANY(%(open)s)"
+        " WHERE j.flow = %(flow)s AND (j.state = ANY(%(unsubmitted)s) OR j.state = ANY(%(queued)s))"
         " GROUP BY j.id HAVING count(i.id) <> j.request_count",
         "an item was moved or deleted behind the pipeline's back; cancel the job and re-plan",
     ),
@@ -75,20 +76,27 @@ _RULES: list[tuple[str, str, str]] = [
         "ingested job whose outcomes do not add up",
         "SELECT shard_key || ': ' || request_count || ' requests, ' || coalesce(items_done, 0) || ' done + '"
         " || coalesce(items_retryable, 0) || ' retryable + ' || coalesce(items_failed, 0) || ' failed'"
-        " FROM batch_jobs WHERE flow = %(flow)s AND state = 'ingested'"
+        " FROM batch_jobs WHERE flow = %(flow)s AND state = %(ingested)s"
         " AND coalesce(items_done, 0) + coalesce(items_retryable, 0) + coalesce(items_failed, 0) <> request_count",
         "re-ingest is a no-op; investigate the ingest logs of that shard",
     ),
     (
         "provider total differs from the ledger's request count",
         "SELECT shard_key || ': provider says ' || completed_count + failed_count || ', ledger ' || request_count"
-        " FROM batch_jobs WHERE flow = %(flow)s AND state IN ('completed', 'ingested')"
+        " FROM batch_jobs WHERE flow = %(flow)s AND state IN (%(completed)s, %(ingested)s)"
         " AND completed_count IS NOT NULL AND failed_count IS NOT NULL"
         " AND provider_status NOT IN ('expired', 'cancelled', 'Expired', 'Stopped', 'PartiallyCompleted')"
         " AND completed_count + failed_count <> request_count",
         "the provider processed a different file than recorded: compare the request file with the job's input",
     ),
 ]
+_STATES = {
+    "exported": ItemState.EXPORTED, "submitted": ItemState.SUBMITTED, "open": list(ledger.ITEM_OPEN_STATES),
+    "without_result": list(ledger.ITEM_CLOSED_WITHOUT_RESULT_STATES),
+    "unsubmitted": list(ledger.UNSUBMITTED_JOB_STATES), "queued": list(ledger.QUEUED_JOB_STATES),
+    "accepted": list(ledger.ACCEPTED_JOB_STATES), "completed": JobState.COMPLETED, "ingested": JobState.INGESTED,
+}
+"""The ledger states the rules name, bound as parameters (`%(open)s`...)."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +147,7 @@ def verify(conn: psycopg.Connection, flows: Mapping[str, str | None], *, example
                           "re-requested; a result kept from before the job (e.g. an older headnote) is replaced "
                           "by an overwrite run"))
         for rule, sql, repair in rules:
-            rows = conn.execute(sql, {"flow": flow}).fetchall()
+            rows = conn.execute(sql, {"flow": flow, **_STATES}).fetchall()
             if rows:
                 report.violations.append(Violation(flow, rule, len(rows), [str(r[0]) for r in rows[:examples]],
                                                    repair))

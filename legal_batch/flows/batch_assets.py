@@ -3,6 +3,8 @@ partition per shard) → batch jobs → batch outputs → results, the two senso
 
 A flow folder supplies its names, how to build its `Flow`, an optional preparation step (e.g.
 chunking) and its result checks; the asset bodies only orchestrate `core.batch` functions.
+`build_flow_definitions` composes one small builder per definition (`_candidates_asset`, ...,
+`_status_sensor`), each reading the flow's `_FlowSpec`.
 """
 
 
@@ -21,6 +23,7 @@ import psycopg
 from legal_batch.core import batch, ledger, quota
 from legal_batch.core.errors import QuotaTooSmall
 from legal_batch.core.flow import Flow
+from legal_batch.core.ledger import ItemState, JobState
 from legal_batch.core.progress import JobChange, flow_progress, jobs_changed_since
 from legal_batch.core.verify import VerifyReport, verify
 from legal_batch.flows.catalog import OWNERS, file_kinds, provider_kinds
@@ -125,47 +128,133 @@ def build_flow_definitions(
     (the flow's provider setting: the kinds of the jobs and files assets), `results_kinds`, `results_table` and `results_schema`
     (`dagster/table_name`, `dagster/column_schema`), and `table_rows`, the whole results table's row
     count reported as `dagster/row_count` at each ingest (the shard's own rows are `shard_row_count`)."""
-    partitions = dg.DynamicPartitionsDefinition(name=f"{names.prefix}_shards")
-    candidates_key = candidates_name or f"{names.prefix}_candidates"
-    files_key = f"{names.prefix}_request_files"
-    jobs_key = f"{names.prefix}_batch_jobs"
-    outputs_key = f"{names.prefix}_batch_outputs"
-    progress_key = f"{names.prefix}_progress"
-    pool = f"{names.flow}_provider"
-    service = sorted(provider_kinds(configured_provider) if configured_provider else set())
-    tags = {"flow": names.flow}
-    job_tags = {RUN_TAG_FLOW: names.flow}
+    spec = _FlowSpec(
+        names=names, make_flow=make_flow, descriptions=descriptions,
+        partitions=dg.DynamicPartitionsDefinition(name=f"{names.prefix}_shards"),
+        candidates_key=candidates_name or f"{names.prefix}_candidates", prepare=prepare,
+        has_unprepared=has_unprepared, result_check_specs=result_check_specs, result_checks=result_checks,
+        after_ingest=after_ingest, done_without_result_sql=done_without_result_sql, overwritable=overwritable,
+        prompted=prompted, sources=sources, configured_provider=configured_provider, results_kinds=results_kinds,
+        results_table=results_table, results_schema=results_schema, table_rows=table_rows,
+    )
+    candidates = _candidates_asset(spec)
+    request_files = _request_files_asset(spec, candidates)
+    batch_jobs = _batch_jobs_asset(spec, request_files)
+    batch_outputs = _batch_outputs_asset(spec, batch_jobs)
+    results = _results_asset(spec, batch_outputs)
+    candidates_job = _candidates_job(spec, candidates)
+    submit_job = _submit_job(spec, request_files, batch_jobs)
+    ingest_job = _ingest_job(spec, batch_outputs, results)
+    planner_sensor = _planner_sensor(spec, candidates_job, submit_job)
+    status_sensor = _status_sensor(spec, ingest_job)
+    return FlowDefinitions(
+        sources=list(sources),
+        progress=_progress_spec(spec),
+        partitions=spec.partitions,
+        assets=[candidates, request_files, batch_jobs, batch_outputs, results],
+        jobs=[candidates_job, submit_job, ingest_job],
+        sensors=[planner_sensor, status_sensor],
+        candidates_job=candidates_job,
+        submit_job=submit_job,
+        ingest_job=ingest_job,
+        status_sensor=status_sensor,
+        planner_sensor=planner_sensor,
+    )
 
+
+@dataclass(frozen=True)
+class _FlowSpec:
+    """One flow's names, hooks and what the UI shows: what the builders below share (see
+    `build_flow_definitions` for the meaning of each)."""
+
+    names: FlowNames
+    make_flow: MakeFlow
+    descriptions: dict[str, str]
+    partitions: dg.DynamicPartitionsDefinition
+    """`<prefix>_shards`: one partition per shard."""
+    candidates_key: str
+    prepare: Prepare | None
+    has_unprepared: Callable[[psycopg.Connection], bool] | None
+    result_check_specs: Sequence[dg.AssetCheckSpec]
+    result_checks: ResultChecks | None
+    after_ingest: AfterIngest | None
+    done_without_result_sql: str | None
+    overwritable: bool
+    prompted: bool
+    sources: Sequence[dg.AssetSpec]
+    configured_provider: str | None
+    results_kinds: Sequence[str]
+    results_table: str | None
+    results_schema: dg.TableSchema | None
+    table_rows: Callable[[psycopg.Connection], int] | None
+
+    @property
+    def files_key(self) -> str:
+        return f"{self.names.prefix}_request_files"
+
+    @property
+    def jobs_key(self) -> str:
+        return f"{self.names.prefix}_batch_jobs"
+
+    @property
+    def outputs_key(self) -> str:
+        return f"{self.names.prefix}_batch_outputs"
+
+    @property
+    def progress_key(self) -> str:
+        return f"{self.names.prefix}_progress"
+
+    @property
+    def pool(self) -> str:
+        """The concurrency pool of provider calls (submits)."""
+        return f"{self.names.flow}_provider"
+
+    @property
+    def service(self) -> list[str]:
+        """The configured provider's kinds (its service, e.g. openai), shown on the jobs asset."""
+        return sorted(provider_kinds(self.configured_provider) if self.configured_provider else set())
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"flow": self.names.flow}
+
+    @property
+    def job_tags(self) -> dict[str, str]:
+        return {RUN_TAG_FLOW: self.names.flow}
+
+
+def _candidates_asset(spec: _FlowSpec) -> dg.AssetsDefinition:
+    """`<prefix>_candidates` (or the flow's own name): prepares the flow, cuts new shards and checks the ledger."""
     ledger_check = dg.AssetCheckSpec(
-        "ledger_consistent", asset=candidates_key,
-        description=f"`legal-batch verify --flow {names.flow}` after planning: every item in exactly one state, "
+        "ledger_consistent", asset=spec.candidates_key,
+        description=f"`legal-batch verify --flow {spec.names.flow}` after planning: every item in exactly one state, "
                     "open items only in open jobs, done items with their result row, counts that add up.")
 
-    @dg.asset(name=candidates_key, group_name=names.group, description=descriptions["candidates"],
-              check_specs=[ledger_check], deps=list(sources), kinds={"postgres", "python"}, owners=OWNERS,
-              tags=tags)
+    @dg.asset(name=spec.candidates_key, group_name=spec.names.group, description=spec.descriptions["candidates"],
+              check_specs=[ledger_check], deps=list(spec.sources), kinds={"postgres", "python"}, owners=OWNERS,
+              tags=spec.tags)
     def candidates(context: dg.AssetExecutionContext, config: CandidatesConfig, database: DatabaseResource,
                    providers: ProvidersResource) -> dg.MaterializeResult:
-        if config.overwrite and not overwritable:
-            raise dg.Failure(description=f"the {names.flow} flow has nothing to overwrite: run it without "
+        if config.overwrite and not spec.overwritable:
+            raise dg.Failure(description=f"the {spec.names.flow} flow has nothing to overwrite: run it without "
                                          "`overwrite` in the config", allow_retries=False)
-        if config.prompt and not prompted:
-            raise dg.Failure(description=f"the {names.flow} flow has no prompt template: run it without "
+        if config.prompt and not spec.prompted:
+            raise dg.Failure(description=f"the {spec.names.flow} flow has no prompt template: run it without "
                                          "`prompt` in the config", allow_retries=False)
-        provider = providers.named(config.provider) if config.provider else providers.for_flow(names.flow)
-        flow = make_flow(provider, config)
+        provider = providers.named(config.provider) if config.provider else providers.for_flow(spec.names.flow)
+        flow = spec.make_flow(provider, config)
         with _clear_failures(), database.connect() as conn:
-            prepared = prepare(context, conn, config) if prepare else {}
+            prepared = spec.prepare(context, conn, config) if spec.prepare else {}
             model = getattr(flow, "model", None) or provider.default_model(flow.endpoint)
-            _tag_run(context, run_tags(flow=names.flow, provider=provider.name, model=model))
+            _tag_run(context, run_tags(flow=spec.names.flow, provider=provider.name, model=model))
             policy = get_settings().quota_policy()
             result = batch.plan(conn, flow, provider, model=model, cap_records=get_settings().shard_max_records,
                                 max_shards=config.max_shards, policy=policy)
             queues = quota.queue_views(conn, kinds={provider.name: provider.limits.quota_kind}, policy=policy)
-            totals = ledger.summary(conn, names.flow)
-            consistent = _ledger_check(verify(conn, {names.flow: done_without_result_sql}), names.flow)
+            totals = ledger.summary(conn, spec.names.flow)
+            consistent = _ledger_check(verify(conn, {spec.names.flow: spec.done_without_result_sql}), spec.names.flow)
         if result.shard_keys:
-            context.instance.add_dynamic_partitions(partitions.name, result.shard_keys)
+            context.instance.add_dynamic_partitions(spec.partitions.name, result.shard_keys)
         message = (f"{result.planned_items} new requests in {len(result.shard_keys)} shards"
                    if result.shard_keys else "no new candidates: nothing to submit")
         if prepared.get("summary_note"):  # e.g. what the vector cache saved
@@ -176,16 +265,20 @@ def build_flow_definitions(
             "dagster/row_count": result.planned_items,
             "new_shards": dg.MetadataValue.json(result.shard_keys),
             "rejected_items": result.rejected_items,
-            "held_back_items": result.held_back,
             "items_by_state": dg.MetadataValue.json(totals.items_by_state),
             "provider": provider.name,
             "queue_quota": dg.MetadataValue.md("\n".join(f"- {view.line()}" for view in queues) or "no queued work"),
             "summary": message,
         }, check_results=[consistent])
+    return candidates
 
-    @dg.asset(name=files_key, group_name=names.group, partitions_def=partitions, deps=[candidates],
-              kinds=file_kinds(configured_provider or "local"), owners=OWNERS, tags=tags,
-              description=descriptions["request_files"])
+
+def _request_files_asset(spec: _FlowSpec, candidates: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    """`<prefix>_request_files`: one shard's request file."""
+
+    @dg.asset(name=spec.files_key, group_name=spec.names.group, partitions_def=spec.partitions, deps=[candidates],
+              kinds=file_kinds(spec.configured_provider or "local"), owners=OWNERS, tags=spec.tags,
+              description=spec.descriptions["request_files"])
     def request_files(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
                       providers: ProvidersResource) -> dg.MaterializeResult:
         shard_key = context.partition_key
@@ -193,7 +286,7 @@ def build_flow_definitions(
             job = ledger.get_job(conn, shard_key)
             _tag_run(context, job_run_tags(job))
             provider = providers.named(job.provider)
-            written = batch.write_request_file(conn, make_flow(provider, None, job=job), provider, shard_key,
+            written = batch.write_request_file(conn, spec.make_flow(provider, None, job=job), provider, shard_key,
                                                files_root=files.path())
         return dg.MaterializeResult(metadata={
             "dagster/row_count": written.lines,
@@ -204,10 +297,16 @@ def build_flow_definitions(
             "realtime_equivalent_usd": written.realtime_cost_usd,
             "preview": dg.MetadataValue.md(f"```json\n{written.preview}\n```"),
         })
+    return request_files
 
-    @dg.asset(name=jobs_key, group_name=names.group, partitions_def=partitions, deps=[request_files], pool=pool,
-              kinds={"postgres", *service}, owners=OWNERS, tags=tags,
-              description=descriptions["batch_jobs"],
+
+def _batch_jobs_asset(spec: _FlowSpec, request_files: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    """`<prefix>_batch_jobs`: one shard submitted as a provider job (or split, or waiting for the quota)."""
+
+    @dg.asset(name=spec.jobs_key, group_name=spec.names.group, partitions_def=spec.partitions, deps=[request_files],
+              pool=spec.pool,
+              kinds={"postgres", *spec.service}, owners=OWNERS, tags=spec.tags,
+              description=spec.descriptions["batch_jobs"],
               retry_policy=dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL))
     def batch_jobs(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
                    providers: ProvidersResource) -> dg.MaterializeResult:
@@ -216,15 +315,15 @@ def build_flow_definitions(
             _tag_run(context, job_run_tags(job))
             provider = providers.named(job.provider)
             policy = get_settings().quota_policy()
-            outcome = batch.submit_shard(conn, make_flow(provider, None, job=job), provider, context.partition_key,
+            outcome = batch.submit_shard(conn, spec.make_flow(provider, None, job=job), provider, context.partition_key,
                                          max_attempts=get_settings().max_attempts, policy=policy,
                                          files_root=files.path())
             job = ledger.get_job(conn, context.partition_key)
             found = quota.quota_for(conn, provider=job.provider, model=job.model, kind=provider.limits.quota_kind,
                                     policy=policy)
             in_queue = quota.queued(conn, provider=job.provider, model=job.model)
-        if outcome.state == "split" and job.split_into:
-            context.instance.add_dynamic_partitions(partitions.name, list(job.split_into))
+        if outcome.state == JobState.SPLIT and job.split_into:
+            context.instance.add_dynamic_partitions(spec.partitions.name, list(job.split_into))
         context.log.info(outcome.message)
         return dg.MaterializeResult(metadata={
             "dagster/row_count": job.request_count,
@@ -240,10 +339,15 @@ def build_flow_definitions(
             "waiting_reason": job.waiting_reason or "",
             "summary": outcome.message,
         })
+    return batch_jobs
 
-    @dg.asset(name=outputs_key, group_name=names.group, partitions_def=partitions, deps=[batch_jobs],
-              kinds=file_kinds(configured_provider or "local"), owners=OWNERS, tags=tags,
-              description=descriptions["batch_outputs"],
+
+def _batch_outputs_asset(spec: _FlowSpec, batch_jobs: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    """`<prefix>_batch_outputs`: one finished shard's output and error files, downloaded."""
+
+    @dg.asset(name=spec.outputs_key, group_name=spec.names.group, partitions_def=spec.partitions, deps=[batch_jobs],
+              kinds=file_kinds(spec.configured_provider or "local"), owners=OWNERS, tags=spec.tags,
+              description=spec.descriptions["batch_outputs"],
               retry_policy=dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL))
     def batch_outputs(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
                       providers: ProvidersResource) -> dg.MaterializeResult:
@@ -259,24 +363,28 @@ def build_flow_definitions(
             "files": dg.MetadataValue.json([str(p) for p in paths]),
             "bytes": sum(p.stat().st_size for p in paths),
         })
+    return batch_outputs
 
-    accounted = dg.AssetCheckSpec("shard_items_accounted", asset=names.results,
+
+def _results_asset(spec: _FlowSpec, batch_outputs: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    """The flow's results asset: one shard ingested, with its checks."""
+    accounted = dg.AssetCheckSpec("shard_items_accounted", asset=spec.names.results,
                                   description="Every request of the shard ended done, retryable or failed.")
     not_failed = dg.AssetCheckSpec(
-        "no_items_failed", asset=names.results, blocking=True,
+        "no_items_failed", asset=spec.names.results, blocking=True,
         description="No request of the shard ended `failed` for good (ERROR, blocking: the ingest run — and "
                     "`dagster job execute` — fails, after the results are written, so a failure is never quiet).")
 
     results_metadata: dict[str, Any] = {}
-    if results_table:
-        results_metadata["dagster/table_name"] = results_table
-    if results_schema is not None:
-        results_metadata["dagster/column_schema"] = results_schema
+    if spec.results_table:
+        results_metadata["dagster/table_name"] = spec.results_table
+    if spec.results_schema is not None:
+        results_metadata["dagster/column_schema"] = spec.results_schema
 
-    @dg.asset(name=names.results, group_name=names.group, partitions_def=partitions, deps=[batch_outputs],
-              kinds=set(results_kinds), owners=OWNERS, tags=tags, metadata=results_metadata,
-              description=descriptions["results"],
-              check_specs=[accounted, not_failed, *result_check_specs],
+    @dg.asset(name=spec.names.results, group_name=spec.names.group, partitions_def=spec.partitions,
+              deps=[batch_outputs], kinds=set(spec.results_kinds), owners=OWNERS, tags=spec.tags, metadata=results_metadata,
+              description=spec.descriptions["results"],
+              check_specs=[accounted, not_failed, *spec.result_check_specs],
               retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL))
     def results(context: dg.AssetExecutionContext, database: DatabaseResource, files: FileStoreResource,
                 providers: ProvidersResource) -> dg.MaterializeResult:
@@ -285,22 +393,22 @@ def build_flow_definitions(
             job = ledger.get_job(conn, shard_key)
             _tag_run(context, job_run_tags(job))
             provider = providers.named(job.provider)
-            paths = sorted(p for p in batch.output_dir(files.path(), names.flow, shard_key).glob("*")
-                           if p.is_file()) if job.state != "ingested" else []
-            report = batch.ingest_shard(conn, make_flow(provider, None, job=job), provider, shard_key, files=paths,
+            paths = sorted(p for p in batch.output_dir(files.path(), spec.names.flow, shard_key).glob("*")
+                           if p.is_file()) if job.state != JobState.INGESTED else []
+            report = batch.ingest_shard(conn, spec.make_flow(provider, None, job=job), provider, shard_key, files=paths,
                                         max_attempts=get_settings().max_attempts,
                                         on_progress=lambda n: context.log.info(f"{shard_key}: {n} result lines read"))
             job = ledger.get_job(conn, shard_key)
-            after = after_ingest(context, conn, database) if after_ingest is not None else {}
-            rows = table_rows(conn) if table_rows is not None else report.rows_written
-            totals = flow_progress(conn, names.flow)
+            after = spec.after_ingest(context, conn, database) if spec.after_ingest is not None else {}
+            rows = spec.table_rows(conn) if spec.table_rows is not None else report.rows_written
+            totals = flow_progress(conn, spec.names.flow)
             checks = [_accounted_check(conn, job), _not_failed_check(conn, job)]
-            if result_checks is not None:
-                checks += result_checks(conn, job)
+            if spec.result_checks is not None:
+                checks += spec.result_checks(conn, job)
         context.log.info(report.summary())
         # the shard's job is `ingested` now, and the flow's totals moved: say so where the UI shows them
-        context.log_event(_job_observation(jobs_key, job))
-        context.log_event(dg.AssetObservation(asset_key=progress_key, metadata={**totals.metadata(),
+        context.log_event(_job_observation(spec.jobs_key, job))
+        context.log_event(dg.AssetObservation(asset_key=spec.progress_key, metadata={**totals.metadata(),
                                                                                "summary": totals.line()}))
         for problem in report.problems[:20]:
             context.log.warning(problem)
@@ -322,55 +430,73 @@ def build_flow_definitions(
             },
             check_results=checks,
         )
+    return results
 
-    candidates_job = dg.define_asset_job(f"{names.prefix}_candidates_job", selection=[candidates], tags=job_tags,
-                                         description=f"Prepare {names.flow} candidates and cut new shards.")
-    submit_job = dg.define_asset_job(f"{names.prefix}_submit_job", selection=[request_files, batch_jobs],
-                                     partitions_def=partitions, tags=job_tags,
-                                     description="Write one shard's request file and submit it as a provider job.")
-    ingest_job = dg.define_asset_job(f"{names.prefix}_ingest_job", selection=[batch_outputs, results],
-                                     partitions_def=partitions, tags=job_tags,
-                                     description="Download one finished shard's outputs and ingest them.")
 
-    @dg.sensor(name=f"{names.prefix}_planner_sensor", jobs=[candidates_job, submit_job],
+def _candidates_job(spec: _FlowSpec, candidates: dg.AssetsDefinition) -> Any:
+    return dg.define_asset_job(f"{spec.names.prefix}_candidates_job", selection=[candidates], tags=spec.job_tags,
+                               description=f"Prepare {spec.names.flow} candidates and cut new shards.")
+
+
+def _submit_job(spec: _FlowSpec, request_files: dg.AssetsDefinition, batch_jobs: dg.AssetsDefinition) -> Any:
+    return dg.define_asset_job(f"{spec.names.prefix}_submit_job", selection=[request_files, batch_jobs],
+                               partitions_def=spec.partitions, tags=spec.job_tags,
+                               description="Write one shard's request file and submit it as a provider job.")
+
+
+def _ingest_job(spec: _FlowSpec, batch_outputs: dg.AssetsDefinition, results: dg.AssetsDefinition) -> Any:
+    return dg.define_asset_job(f"{spec.names.prefix}_ingest_job", selection=[batch_outputs, results],
+                               partitions_def=spec.partitions, tags=spec.job_tags,
+                               description="Download one finished shard's outputs and ingest them.")
+
+
+def _planner_sensor(spec: _FlowSpec, candidates_job: Any, submit_job: Any) -> dg.SensorDefinition:
+    """`<prefix>_planner_sensor`: a candidates run when there is new work, a submit run per admissible shard."""
+
+    @dg.sensor(name=f"{spec.names.prefix}_planner_sensor", jobs=[candidates_job, submit_job],
                minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
-               description=f"Requests {candidates_key} when there is new work and a submit run per planned shard.")
+               description=f"Requests {spec.candidates_key} when there is new work and a submit run per planned shard.")
     def planner_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource,
                        providers: ProvidersResource) -> dg.SensorResult:
-        provider = providers.for_flow(names.flow)
+        provider = providers.for_flow(spec.names.flow)
         requests: list[dg.RunRequest] = []
         policy = get_settings().quota_policy()
         with database.connect() as conn:
-            flow = make_flow(provider, None)
+            flow = spec.make_flow(provider, None)
             sql, params = flow.candidate_sql()
             unplanned = conn.execute(f"SELECT count(*) FROM ({sql}) AS c", params).fetchone()[0]
-            unprepared = has_unprepared(conn) if has_unprepared else False
+            unprepared = spec.has_unprepared(conn) if spec.has_unprepared else False
             if unplanned or unprepared:
-                state = f"{unplanned}:{unprepared}:{ledger.summary(conn, names.flow).items_by_state}"
+                state = f"{unplanned}:{unprepared}:{ledger.summary(conn, spec.names.flow).items_by_state}"
                 model = getattr(flow, "model", None) or provider.default_model(flow.endpoint)
                 requests.append(dg.RunRequest(job_name=candidates_job.name,
                                               run_key=f"plan:{hashlib.sha256(state.encode()).hexdigest()[:16]}",
-                                              tags=run_tags(flow=names.flow, provider=provider.name, model=model)))
+                                              tags=run_tags(flow=spec.names.flow, provider=provider.name, model=model)))
             # `submitting` too: a submit that died before the provider answered (reconciled by token first).
             # Only shards the queue quota and the budget have room for: the others wait, visibly, in the
             # ledger (`legal-batch jobs`), and go in on the tick after room frees up.
-            waiting = ledger.list_jobs(conn, flow=names.flow, states=("planned", "exported", "submitting"))
-            ready = set(batch.admissible_shards(conn, names.flow, providers.named, policy=policy))
+            waiting = ledger.list_jobs(conn, flow=spec.names.flow, states=ledger.UNSUBMITTED_JOB_STATES)
+            ready = set(batch.admissible_shards(conn, spec.names.flow, providers.named, policy=policy))
         for job in waiting:
             if job.shard_key in ready:
                 requests.append(dg.RunRequest(job_name=submit_job.name, partition_key=job.shard_key,
                                               run_key=f"submit:{job.shard_key}:{job.updated_at.isoformat()}",
                                               tags=job_run_tags(job)))
-        known = set(context.instance.get_dynamic_partitions(partitions.name))
+        known = set(context.instance.get_dynamic_partitions(spec.partitions.name))
         missing = [job.shard_key for job in waiting if job.shard_key not in known]  # e.g. split shards
         return dg.SensorResult(run_requests=requests,
-                               dynamic_partitions_requests=[partitions.build_add_request(missing)] if missing else [])
+                               dynamic_partitions_requests=[spec.partitions.build_add_request(missing)] if missing else [])
+    return planner_sensor
 
-    @dg.sensor(name=f"{names.prefix}_job_status_sensor", job=ingest_job, minimum_interval_seconds=60,
+
+def _status_sensor(spec: _FlowSpec, ingest_job: Any) -> dg.SensorDefinition:
+    """`<prefix>_job_status_sensor`: polls open jobs and requests an ingest run per finished one."""
+
+    @dg.sensor(name=f"{spec.names.prefix}_job_status_sensor", job=ingest_job, minimum_interval_seconds=60,
                default_status=dg.DefaultSensorStatus.RUNNING,
                description="Polls open provider jobs (bounded per tick) and requests an ingest run per finished job; "
-                           f"observes each job's new state on its {jobs_key} partition and the flow's totals "
-                           f"on {progress_key}.")
+                           f"observes each job's new state on its {spec.jobs_key} partition and the flow's totals "
+                           f"on {spec.progress_key}.")
     def status_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource,
                       providers: ProvidersResource) -> dg.SensorResult:
         """An ingest run per finished job; one that failed is requested again under a new run key
@@ -385,17 +511,16 @@ def build_flow_definitions(
         requests: list[dg.RunRequest] = []
         events: list[dg.AssetObservation] = []
         with database.connect() as conn:
-            polled = batch.poll_open_jobs(conn, providers.named, flow=names.flow, time_budget_s=40,
+            polled = batch.poll_open_jobs(conn, providers.named, flow=spec.names.flow, time_budget_s=40,
                                           policy=get_settings().quota_policy())
-            finished = ledger.list_jobs(conn, flow=names.flow,
-                                        states=("completed", "partial", "failed", "cancelled", "expired"))
+            finished = ledger.list_jobs(conn, flow=spec.names.flow, states=ledger.TERMINAL_JOB_STATES)
             for job in finished:
                 if job.ingest_failures >= max_attempts:
                     continue  # stopped; said so when it happened
                 ended = _ended_run(context.instance, ingest_run_key(job))
                 if ended is not None:  # that run failed (or ended without ingesting): count it
                     job, event = _count_failed_ingest(conn, context.instance, job, ended, max_attempts=max_attempts,
-                                                      names=names)
+                                                      names=spec.names)
                     if event is not None:
                         context.log.warning(str(event.metadata["reason"].value))
                         events.append(event)
@@ -405,41 +530,32 @@ def build_flow_definitions(
                                               run_key=ingest_run_key(job),
                                               tags={**job_run_tags(job),
                                                     "legal_batch/ingest_attempt": str(job.ingest_failures + 1)}))
-            changes = jobs_changed_since(conn, names.flow, cursor.jobs_after, limit=200)
-            totals = flow_progress(conn, names.flow)
-        known = set(context.instance.get_dynamic_partitions(partitions.name)) if changes else set()
-        events += [_job_observation(jobs_key, change) for change in changes if change.shard_key in known]
+            changes = jobs_changed_since(conn, spec.names.flow, cursor.jobs_after, limit=200)
+            totals = flow_progress(conn, spec.names.flow)
+        known = set(context.instance.get_dynamic_partitions(spec.partitions.name)) if changes else set()
+        events += [_job_observation(spec.jobs_key, change) for change in changes if change.shard_key in known]
         figures = totals.metadata()
         digest = hashlib.sha256(json.dumps(figures, sort_keys=True).encode()).hexdigest()[:16]
         if digest != cursor.progress:
-            events.append(dg.AssetObservation(asset_key=progress_key,
+            events.append(dg.AssetObservation(asset_key=spec.progress_key,
                                               metadata={**figures, "summary": totals.line()}))
         for entry in polled:
             context.log.info(f"{entry.job.shard_key}: {entry.job.provider_job_id} is {entry.status.raw_status}")
         after = changes[-1].position if changes else cursor.jobs_after
         return dg.SensorResult(run_requests=requests, asset_events=events,
                                cursor=StatusCursor(after, digest).dump())
+    return status_sensor
 
-    progress = dg.AssetSpec(
-        progress_key, group_name=names.group, deps=[names.results], kinds={"postgres"}, owners=OWNERS, tags=tags,
-        description=f"The {names.flow} flow's running totals from the ledger: items done, open, retryable and "
+
+def _progress_spec(spec: _FlowSpec) -> dg.AssetSpec:
+    """`<prefix>_progress`: the flow's running totals, observed (never materialized)."""
+    return dg.AssetSpec(
+        spec.progress_key, group_name=spec.names.group, deps=[spec.names.results], kinds={"postgres"},
+        owners=OWNERS, tags=spec.tags,
+        description=f"The {spec.names.flow} flow's running totals from the ledger: items done, open, retryable and "
                     "failed, jobs open and ingested, tokens, estimated and actual spend and its real-time "
-                    f"equivalent. Observed by {names.prefix}_job_status_sensor whenever they move and by every "
+                    f"equivalent. Observed by {spec.names.prefix}_job_status_sensor whenever they move and by every "
                     "ingest; the asset's Metadata → Plots shows them over time.")
-
-    return FlowDefinitions(
-        sources=list(sources),
-        progress=progress,
-        partitions=partitions,
-        assets=[candidates, request_files, batch_jobs, batch_outputs, results],
-        jobs=[candidates_job, submit_job, ingest_job],
-        sensors=[planner_sensor, status_sensor],
-        candidates_job=candidates_job,
-        submit_job=submit_job,
-        ingest_job=ingest_job,
-        status_sensor=status_sensor,
-        planner_sensor=planner_sensor,
-    )
 
 
 RUN_TAG_FLOW = "legal_batch/flow"
@@ -589,18 +705,19 @@ def _ledger_check(report: VerifyReport, flow: str) -> dg.AssetCheckResult:
 
 
 def _not_failed_check(conn: psycopg.Connection, job: ledger.JobRow) -> dg.AssetCheckResult:
-    failed = conn.execute("SELECT count(*), min(last_error) FROM batch_items WHERE job_id = %s AND state = 'failed'",
-                          (job.id,)).fetchone()
+    failed = conn.execute("SELECT count(*), min(last_error) FROM batch_items WHERE job_id = %s AND state = %s",
+                          (job.id, ItemState.FAILED)).fetchone()
     return dg.AssetCheckResult(
         check_name="no_items_failed", passed=failed[0] == 0, severity=dg.AssetCheckSeverity.ERROR,
         metadata={"failed": failed[0], "example": failed[1] or "", "requests": job.request_count,
-                  "what_to_do": "SELECT subject_key, last_error FROM batch_items WHERE state = 'failed' AND job_id = "
-                                f"{job.id}; fix the cause, then mark them retryable and run again"})
+                  "what_to_do": f"SELECT subject_key, last_error FROM batch_items WHERE state = '{ItemState.FAILED}'"
+                                f" AND job_id = {job.id}; fix the cause, then mark them retryable and run again"})
 
 
 def _accounted_check(conn: psycopg.Connection, job: ledger.JobRow) -> dg.AssetCheckResult:
     still_open = conn.execute(
-        "SELECT count(*) FROM batch_items WHERE job_id = %s AND state IN ('exported', 'submitted')", (job.id,)
+        "SELECT count(*) FROM batch_items WHERE job_id = %s AND state = ANY(%s)",
+        (job.id, list(ledger.ITEM_OPEN_STATES)),
     ).fetchone()[0]
     closed = (job.items_done or 0) + (job.items_retryable or 0) + (job.items_failed or 0)
     passed = still_open == 0 and closed == job.request_count

@@ -2,8 +2,10 @@
 
 Configured by the SDK's standard variables (`AZURE_OPENAI_ENDPOINT`, `AZURE_OPENAI_API_KEY` or
 `AZURE_OPENAI_AD_TOKEN`, `OPENAI_API_VERSION`) plus `AZURE_OPENAI_BATCH_DEPLOYMENT`, the name of a
-Global Batch deployment (e.g. of gpt-4o-mini). Everything but the differences below is shared with
-the `openai` provider (`OpenAIStyleProvider`).
+Global Batch deployment (e.g. of gpt-4o-mini), which the provider factory
+(`resources/providers.py`) reads and passes in. Everything but the differences below is shared with
+the `openai` provider (`OpenAIStyleProvider`), its retries too (one layer per call: see its module
+docstring).
 
 Differences from OpenAI: lines use `url` `/chat/completions` and `body.model` = the deployment name,
 the same on every line (no BOM, no duplicate `custom_id`); ≤ 100,000 requests and 200 MB per job;
@@ -14,7 +16,6 @@ output files are kept 14–30 days.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -30,9 +31,7 @@ from legal_batch.providers.base import (
     UnsupportedRequest,
 )
 from legal_batch.providers.openai import OpenAIStyleProvider
-from legal_batch.settings import Settings
 
-DEPLOYMENT_VARIABLE = "AZURE_OPENAI_BATCH_DEPLOYMENT"
 NO_EMBEDDINGS = ("Azure OpenAI Global Batch does not support embeddings; use "
                  "LEGAL_BATCH_EMBEDDINGS_PROVIDER=openai or bedrock")
 
@@ -58,25 +57,6 @@ class AzureOpenAIProvider(OpenAIStyleProvider):
         super().__init__(client, limits=options.pop("limits", self.LIMITS), **options)
         self.deployment = deployment
         self.file_ready_timeout = file_ready_timeout
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **options: Any) -> AzureOpenAIProvider:
-        """A provider on `openai.AzureOpenAI()` (the SDK reads its own variables) and the deployment
-        named by `AZURE_OPENAI_BATCH_DEPLOYMENT`."""
-        missing = [name for name in ("AZURE_OPENAI_ENDPOINT", "OPENAI_API_VERSION", DEPLOYMENT_VARIABLE)
-                   if not os.environ.get(name)]
-        if not (os.environ.get("AZURE_OPENAI_API_KEY") or os.environ.get("AZURE_OPENAI_AD_TOKEN")):
-            missing.insert(1, "AZURE_OPENAI_API_KEY (or AZURE_OPENAI_AD_TOKEN)")
-        if missing:
-            raise ProviderError(f"the azure_openai provider needs {', '.join(missing)}; not set. "
-                                f"{DEPLOYMENT_VARIABLE} is the name of your Global Batch deployment "
-                                "(e.g. of gpt-4o-mini), OPENAI_API_VERSION e.g. 2024-10-21")
-        try:
-            client = openai.AzureOpenAI(max_retries=options.pop("max_retries", 4))
-        except (openai.OpenAIError, ValueError) as exc:
-            raise ProviderError(f"cannot configure the Azure OpenAI client: {exc}") from exc
-        return cls(client, deployment=os.environ[DEPLOYMENT_VARIABLE], dimensions=settings.embedding_dimensions,
-                   **options)
 
     def default_model(self, endpoint: Endpoint) -> str:
         """The batch deployment for chat; embeddings are refused."""

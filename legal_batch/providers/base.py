@@ -28,7 +28,6 @@ QUOTA_KINDS: dict[str, QuotaKind] = {
 Azure OpenAI — and `local`, when given one to rehearse with) or jobs in progress (Bedrock)."""
 
 TERMINAL_STATES: frozenset[str] = frozenset({"completed", "partial", "failed", "cancelled", "expired"})
-OPEN_STATES: frozenset[str] = frozenset({"pending", "running"})
 
 
 class ProviderError(RuntimeError):

@@ -3,7 +3,8 @@
 Configuration is boto3's own (`AWS_REGION`, credentials, `AWS_ENDPOINT_URL_S3`,
 `AWS_ENDPOINT_URL_BEDROCK`, `AWS_ENDPOINT_URL_BEDROCK_RUNTIME`, profiles) plus
 `LEGAL_BATCH_S3_BUCKET`, `LEGAL_BATCH_S3_PREFIX` (default `legal-batch`) and
-`LEGAL_BATCH_BEDROCK_ROLE_ARN` (the service role Bedrock assumes to read and write the bucket).
+`LEGAL_BATCH_BEDROCK_ROLE_ARN` (the service role Bedrock assumes to read and write the bucket), which
+the provider factory (`resources/providers.py`) reads and passes in.
 
 Layout in the bucket (every key built from our own validated parts, never from provider output):
 `<prefix>/requests/<shard_key>.jsonl` is the request file of a shard; Bedrock writes its output
@@ -17,6 +18,11 @@ Titan Text Embeddings V2 takes at most 8,192 tokens per input. A job's timeout i
 at most); the job name carries the shard key and our client token, the client token is also sent
 as `clientRequestToken`, so a create retried after a crash returns the same job and `find_job`
 finds it by name.
+
+Retries, one layer per client: the `s3` and `bedrock` clients use botocore's standard retries
+(throttling, 5xx, connection errors; a create retried sends the same `clientRequestToken`, so it
+returns the same job); the `runtime` client has botocore's retries off and the real-time path
+retries InvokeModel itself (`realtime_attempts`, exponential back-off with jitter).
 
 Record formats: `{"recordId": custom_id, "modelInput": <InvokeModel body>}`; outputs are
 `{recordId, modelInput, modelOutput}` or `{recordId, modelInput, error: {errorCode, errorMessage}}`
@@ -74,7 +80,6 @@ from legal_batch.providers.base import (
     UnsupportedRequest,
 )
 from legal_batch.providers.openai_format import first_non_number
-from legal_batch.settings import Settings
 
 log = logging.getLogger("legal_batch")
 
@@ -168,6 +173,29 @@ def _session() -> boto3.session.Session:
     return boto3.session.Session()
 
 
+def aws_clients(*, max_retries: int = 5, fallback_region: str | None = None) -> dict[str, Any]:
+    """The `s3`, `bedrock` and `runtime` clients `BedrockProvider` takes, from boto3's own
+    configuration (region, endpoints, credentials, profiles).
+
+    `max_retries`: botocore's standard retries of the `s3` and `bedrock` clients, its `max_attempts`
+    (in botocore: retries after the first call, so 5 means up to 6 calls). The `runtime` client does
+    not retry: `BedrockProvider.realtime` does (see the module docstring). `fallback_region`: the
+    region when boto3 finds none."""
+    retrying = Config(retries={"mode": "standard", "max_attempts": max_retries})
+    once = Config(retries={"mode": "standard", "max_attempts": 0})
+    try:
+        with _SESSION_LOCK:  # boto3 sessions are not thread-safe; the clients they make are
+            session = _session()
+            region = session.region_name or fallback_region
+            clients = {name: session.client(name, region_name=region,
+                                             config=once if name == "bedrock-runtime" else retrying)
+                       for name in ("s3", "bedrock", "bedrock-runtime")}
+    except NoRegionError:
+        raise ProviderError("no AWS region configured: set AWS_REGION (or AWS_DEFAULT_REGION, or a region in "
+                            "your AWS profile) for the bedrock provider") from None
+    return {"s3": clients["s3"], "bedrock": clients["bedrock"], "runtime": clients["bedrock-runtime"]}
+
+
 def job_name_for(*, client_token: str, shard_key: str | None = None) -> str:
     """The job name: `<shard key>-<token part>` (63 characters at most, the service's pattern).
 
@@ -250,34 +278,6 @@ class BedrockProvider:
             max_input_tokens=TITAN_V2_MAX_INPUT_TOKENS,
             quota_kind=QUOTA_KINDS["bedrock"],
         )
-
-    @classmethod
-    def from_settings(cls, settings: Settings, *, max_retries: int = 5, **options: Any) -> BedrockProvider:
-        """Clients from boto3's own configuration (region, endpoints, credentials), standard retries.
-
-        `max_retries` is botocore's retries `max_attempts` (in botocore: retries after the first call,
-        so 5 means up to 6 calls); `options` go to `__init__`."""
-        if not settings.s3_bucket:
-            raise ProviderError("LEGAL_BATCH_S3_BUCKET is not set: the bedrock provider needs an S3 bucket for "
-                                "request and output files (Bedrock reads and writes it with the service role)")
-        if not settings.bedrock_role_arn:
-            raise ProviderError("LEGAL_BATCH_BEDROCK_ROLE_ARN is not set: the bedrock provider needs the IAM "
-                                "service role Bedrock assumes to read the requests and write the outputs")
-        config = Config(retries={"mode": "standard", "max_attempts": max_retries})
-        try:
-            with _SESSION_LOCK:  # boto3 sessions are not thread-safe; the clients they make are
-                session = _session()
-                # botocore reads AWS_DEFAULT_REGION and profiles; AWS_REGION (what the other AWS SDKs
-                # read) is the fallback, so either variable works.
-                region = session.region_name or os.environ.get("AWS_REGION") or None
-                clients = {name: session.client(name, region_name=region, config=config)
-                           for name in ("s3", "bedrock", "bedrock-runtime")}
-        except NoRegionError:
-            raise ProviderError("no AWS region configured: set AWS_REGION (or AWS_DEFAULT_REGION, or a region in "
-                                "your AWS profile) for the bedrock provider") from None
-        return cls(s3=clients["s3"], bedrock=clients["bedrock"], runtime=clients["bedrock-runtime"],
-                   bucket=settings.s3_bucket, role_arn=settings.bedrock_role_arn, prefix=settings.s3_prefix,
-                   dimensions=settings.embedding_dimensions, **options)
 
     def default_model(self, endpoint: Endpoint) -> str:
         return DEFAULT_EMBEDDING_MODEL if endpoint == "embeddings" else DEFAULT_CHAT_MODEL
@@ -502,8 +502,8 @@ class BedrockProvider:
         """InvokeModel per request, `realtime_concurrency` at a time, results in request order.
 
         Throttling, timeouts, 5xx and network errors are retried with exponential back-off and
-        jitter (`realtime_attempts` in all, on top of botocore's own retries); what still fails
-        becomes a `Result` with the error."""
+        jitter (`realtime_attempts` in all; the runtime client itself does not retry); what still
+        fails becomes a `Result` with the error."""
         window = 2 * self.realtime_concurrency
         pool = ThreadPoolExecutor(max_workers=self.realtime_concurrency, thread_name_prefix="bedrock-invoke")
         pending: deque[Future[Result]] = deque()

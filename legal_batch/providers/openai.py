@@ -12,6 +12,11 @@ Idempotency: `POST /batches` has no idempotency key, so the SDK's own retry coul
 batch. Creation therefore runs with SDK retries off; before a batch is created (again) the provider
 lists batches for one whose `metadata.client_token` is ours (`find_job`), so a lost answer or a crash
 never leaves two batches for one token.
+
+Retries, one layer per call: lifecycle calls (upload, list, poll, download, cancel) use the SDK's
+(`max_retries` on the client); batch creation and the real-time path go through the same client with
+SDK retries off (`_once`) and retry with `tenacity` — creation looking for its token before each
+retry, the real-time path with exponential back-off that respects `Retry-After`.
 """
 
 from __future__ import annotations
@@ -50,7 +55,6 @@ from legal_batch.providers.base import (
     Result,
     SubmittedJob,
 )
-from legal_batch.settings import Settings
 
 log = logging.getLogger("legal_batch")
 
@@ -553,7 +557,7 @@ class OpenAIStyleProvider:
 
 
 class OpenAIProvider(OpenAIStyleProvider):
-    """OpenAI Batch API: embeddings (`text-embedding-3-small`, `dimensions` = settings) and chat
+    """OpenAI Batch API: embeddings (`text-embedding-3-small`, `dimensions` as given) and chat
     (`gpt-4o-mini`). Lines use `url` `/v1/embeddings` or `/v1/chat/completions`; embedding lines ask
     for `encoding_format: "base64"` (float32 bytes: output files ~4x smaller than JSON floats)."""
 
@@ -571,18 +575,6 @@ class OpenAIProvider(OpenAIStyleProvider):
 
     def __init__(self, client: openai.OpenAI, **options: Any) -> None:
         super().__init__(client, limits=options.pop("limits", self.LIMITS), **options)
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **options: Any) -> OpenAIProvider:
-        """A provider on `openai.OpenAI()`: the SDK reads `OPENAI_API_KEY` and `OPENAI_BASE_URL` itself."""
-        if not os.environ.get("OPENAI_API_KEY"):
-            raise ProviderError("the openai provider needs OPENAI_API_KEY (and OPENAI_BASE_URL for a service other "
-                                "than api.openai.com); it is not set")
-        try:
-            client = openai.OpenAI(max_retries=options.pop("max_retries", 4))
-        except openai.OpenAIError as exc:
-            raise ProviderError(f"cannot configure the OpenAI client: {exc}") from exc
-        return cls(client, dimensions=settings.embedding_dimensions, **options)
 
     def default_model(self, endpoint: Endpoint) -> str:
         return self.DEFAULT_MODELS[endpoint]

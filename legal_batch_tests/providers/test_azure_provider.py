@@ -174,5 +174,5 @@ def test_missing_configuration_names_the_variable(azure_env: OpenAIBatchEmulator
                                                   missing: str) -> None:
     monkeypatch.delenv(missing)
     with pytest.raises(ProviderError, match=missing) as raised:
-        AzureOpenAIProvider.from_settings(Settings())
+        make_provider("azure_openai", Settings())
     assert azure_env.api_key not in str(raised.value)

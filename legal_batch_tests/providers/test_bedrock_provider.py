@@ -31,6 +31,7 @@ from legal_batch.providers.bedrock import (
     job_name_for,
     read_manifest,
 )
+from legal_batch.resources.providers import make_provider as build_provider
 from legal_batch.settings import Settings, get_settings
 from legal_batch_tests.emulators.bedrock_batch import (
     TEST_ROLE_ARN,
@@ -68,7 +69,7 @@ def bucket(emulator: BedrockBatchEmulator) -> str:
 def make_provider(bucket: str, **options: Any) -> BedrockProvider:
     settings = Settings(_env_file=None, s3_bucket=bucket, bedrock_role_arn=ROLE)  # type: ignore[call-arg]
     options = {"max_retries": 1, "realtime_backoff_s": (0.01, 0.05), **options}
-    return BedrockProvider.from_settings(settings, **options)
+    return build_provider("bedrock", settings, **options)  # type: ignore[return-value]
 
 
 @pytest.fixture
@@ -117,14 +118,14 @@ def s3_body(bucket: str, key: str) -> bytes:
 
 # -- configuration and formats ----------------------------------------------------------------------
 
-def test_from_settings_names_the_missing_variable() -> None:
+def test_the_factory_names_the_missing_variable() -> None:
     with pytest.raises(ProviderError, match="LEGAL_BATCH_S3_BUCKET"):
-        BedrockProvider.from_settings(Settings(_env_file=None, bedrock_role_arn=ROLE))  # type: ignore[call-arg]
+        build_provider("bedrock", Settings(_env_file=None, bedrock_role_arn=ROLE))  # type: ignore[call-arg]
     with pytest.raises(ProviderError, match="LEGAL_BATCH_BEDROCK_ROLE_ARN"):
-        BedrockProvider.from_settings(Settings(_env_file=None, s3_bucket="my-bucket"))  # type: ignore[call-arg]
+        build_provider("bedrock", Settings(_env_file=None, s3_bucket="my-bucket"))  # type: ignore[call-arg]
 
 
-def test_from_settings_validates_bucket_role_and_prefix(
+def test_the_factory_validates_bucket_role_and_prefix(
     emulator: BedrockBatchEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for overrides, variable in (({"s3_bucket": "Bad_Bucket"}, "LEGAL_BATCH_S3_BUCKET"),
@@ -133,10 +134,10 @@ def test_from_settings_validates_bucket_role_and_prefix(
                                 ({"embedding_dimensions": 768}, "LEGAL_BATCH_EMBEDDING_DIMENSIONS")):
         values = {"s3_bucket": "my-bucket", "bedrock_role_arn": ROLE, **overrides}
         with pytest.raises(ProviderError, match=variable):
-            BedrockProvider.from_settings(Settings(_env_file=None, **values))  # type: ignore[arg-type]
+            build_provider("bedrock", Settings(_env_file=None, **values))  # type: ignore[arg-type]
     monkeypatch.delenv("AWS_DEFAULT_REGION")  # AWS_REGION alone is enough
-    provider = BedrockProvider.from_settings(
-        Settings(_env_file=None, s3_bucket="my-bucket", bedrock_role_arn=ROLE))  # type: ignore[call-arg]
+    provider: BedrockProvider = build_provider(  # type: ignore[assignment]
+        "bedrock", Settings(_env_file=None, s3_bucket="my-bucket", bedrock_role_arn=ROLE))  # type: ignore[call-arg]
     assert provider.bedrock.meta.region_name == provider.runtime.meta.region_name == "us-east-1"
     assert provider.bedrock.meta.endpoint_url == emulator.bedrock_endpoint_url
     assert provider.runtime.meta.endpoint_url == emulator.bedrock_endpoint_url
@@ -150,8 +151,8 @@ def test_from_settings_validates_bucket_role_and_prefix(
     monkeypatch.delenv("AWS_REGION")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(Path(__file__).with_name("no-such-aws-config")))
     with pytest.raises(ProviderError, match="AWS_REGION"):
-        BedrockProvider.from_settings(
-            Settings(_env_file=None, s3_bucket="my-bucket", bedrock_role_arn=ROLE))  # type: ignore[call-arg]
+        build_provider(
+            "bedrock", Settings(_env_file=None, s3_bucket="my-bucket", bedrock_role_arn=ROLE))  # type: ignore[call-arg]
 
 
 def test_format_line_titan_and_claude_bytes(offline: BedrockProvider) -> None:
@@ -429,6 +430,14 @@ def test_realtime_retries_injected_throttling_and_keeps_order(bucket: str, emula
     assert len(calls) == 13
     assert calls[0].path == f"/model/{TITAN}/invoke"
     assert orjson.loads(calls[-1].body)["dimensions"] == 1024
+
+
+def test_realtime_retries_in_one_layer(bucket: str, emulator: BedrockBatchEmulator) -> None:
+    provider = make_provider(bucket, max_retries=5, realtime_attempts=2)  # botocore retries S3 and Bedrock only
+    emulator.add_runtime_fault(status=503, error_type="ServiceUnavailableException", times=10)
+    [result] = provider.realtime([EmbeddingRequest("busy", "text")], endpoint="embeddings", model=TITAN)
+    assert result.error is not None and result.error.startswith("ServiceUnavailableException")
+    assert len(emulator.requests_for("InvokeModel")) == 2
 
 
 def test_realtime_errors_become_results(bucket: str, emulator: BedrockBatchEmulator) -> None:

@@ -58,7 +58,7 @@ def sdk_env(emulator: OpenAIBatchEmulator, monkeypatch: pytest.MonkeyPatch) -> O
 
 @pytest.fixture
 def provider(sdk_env: OpenAIBatchEmulator) -> OpenAIProvider:
-    return OpenAIProvider.from_settings(Settings(), **FAST)
+    return make_provider("openai", Settings(), **FAST)
 
 
 def texts(n: int) -> dict[str, str]:
@@ -282,7 +282,7 @@ def test_a_create_whose_answer_was_lost_is_reconciled_not_duplicated(sdk_env: Op
                                                                      tmp_path: Path) -> None:
     """The first POST /batches is processed after the client gave up waiting: the retry finds it."""
     emulator = sdk_env
-    provider = OpenAIProvider.from_settings(Settings(), create_timeout=0.15, backoff_initial=1.0)
+    provider = make_provider("openai", Settings(), create_timeout=0.15, backoff_initial=1.0)
     emulator.add_delay(method="POST", path_regex=r"/batches$", seconds=0.4)
 
     job = submit_texts(provider, tmp_path, texts(2), token="lb-slow")
@@ -317,7 +317,7 @@ def test_429_with_retry_after_on_create_is_retried_after_the_delay(provider: Ope
 
 def test_rate_limit_that_never_clears_on_create_requeues_as_quota(sdk_env: OpenAIBatchEmulator,
                                                                   tmp_path: Path) -> None:
-    provider = OpenAIProvider.from_settings(Settings(), create_attempts=2, **FAST)
+    provider = make_provider("openai", Settings(), create_attempts=2, **FAST)
     sdk_env.add_fault(method="POST", path_regex=r"/batches$", status=429, times=5, retry_after=0.05)
     with pytest.raises(ProviderQuotaError, match="rate limits"):
         submit_texts(provider, tmp_path, texts(1))
@@ -362,7 +362,7 @@ def test_deleted_output_file_says_it_expired_and_a_missing_error_file_is_fine(
 # -- real time ---------------------------------------------------------------------------------------
 
 def test_realtime_embeddings_ride_out_429s_and_keep_input_order(sdk_env: OpenAIBatchEmulator) -> None:
-    provider = OpenAIProvider.from_settings(Settings(), embedding_inputs_per_call=2, **FAST)
+    provider = make_provider("openai", Settings(), embedding_inputs_per_call=2, **FAST)
     sdk_env.add_fault(method="POST", path_regex=r"/v1/embeddings$", status=429, times=2, retry_after=0.1)
     corpus = texts(5)
     started = time.monotonic()
@@ -380,7 +380,7 @@ def test_realtime_embeddings_ride_out_429s_and_keep_input_order(sdk_env: OpenAIB
 
 
 def test_realtime_failures_are_results_not_exceptions(sdk_env: OpenAIBatchEmulator) -> None:
-    provider = OpenAIProvider.from_settings(Settings(), realtime_attempts=2, concurrency=1, **FAST)
+    provider = make_provider("openai", Settings(), realtime_attempts=2, concurrency=1, **FAST)
     sdk_env.add_fault(method="POST", path_regex=r"/chat/completions$", status=500, times=2)
     sdk_env.add_fault(method="POST", path_regex=r"/chat/completions$", status=400)
     requests = [ChatRequest(f"case-{i}", "You write headnotes.", f"Judgment {i}.") for i in range(3)]
@@ -407,12 +407,12 @@ def test_the_api_key_never_reaches_messages_metadata_or_logs(emulator: OpenAIBat
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("OPENAI_BASE_URL", emulator.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", emulator.api_key)
-    provider = OpenAIProvider.from_settings(Settings(), **FAST)
+    provider = make_provider("openai", Settings(), **FAST)
     emulator.add_fault(method="POST", path_regex=r"/batches$", status=500)
     job = submit_texts(provider, tmp_path, texts(1))
     wrong = "sk-wrong-key-that-must-stay-secret-42"
     monkeypatch.setenv("OPENAI_API_KEY", wrong)
-    refused = OpenAIProvider.from_settings(Settings(), **FAST)
+    refused = make_provider("openai", Settings(), **FAST)
     emulator.add_fault(method="GET", path_regex=r"/batches/", status=401, body={"error": {
         "message": f"Incorrect API key provided: {wrong}.", "type": "invalid_request_error", "param": None,
         "code": "invalid_api_key"}})

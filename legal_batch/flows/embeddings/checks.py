@@ -6,7 +6,7 @@ import dagster as dg
 import numpy as np
 import psycopg
 
-from legal_batch.core.ledger import JobRow
+from legal_batch.core.ledger import ItemState, JobRow
 
 vector_spec = dg.AssetCheckSpec(
     "vectors_finite_unit_norm", asset="case_embeddings",
@@ -67,8 +67,8 @@ def vector_checks(conn: psycopg.Connection, job: JobRow) -> list[dg.AssetCheckRe
         " FROM batch_items i JOIN embedding_sink e"
         "   ON e.case_id = split_part(i.subject_key, ':', 1)::uuid"
         "  AND e.chunk_index = split_part(i.subject_key, ':', 2)::int AND e.model = %s"
-        " WHERE i.job_id = %s AND i.state = 'done'",
-        (dimensions, job.model, job.id),
+        " WHERE i.job_id = %s AND i.state = %s",
+        (dimensions, job.model, job.id, ItemState.DONE),
     ).fetchone()
     return [sink_checks(conn, job), dg.AssetCheckResult(
         check_name="vectors_finite_unit_norm", passed=off_norm == 0 and wrong_dims == 0,

@@ -10,7 +10,7 @@ import dagster as dg
 import psycopg
 
 from legal_batch.core.cost import batch_discount, price
-from legal_batch.core.ledger import JobRow
+from legal_batch.core.ledger import ItemState, JobRow
 from legal_batch.core.user_tables import CaseSource
 
 RESULTS = "court_case_headnotes"
@@ -40,7 +40,7 @@ def _written(source: CaseSource) -> str:
     return (
         f" FROM batch_items i JOIN {source.select('id', 'neutral_citation', 'headnote')} AS k"
         "   ON k.id = i.subject_key::uuid JOIN case_headnotes h ON h.case_id = k.id"
-        " WHERE i.job_id = %(job)s AND i.state = 'done' AND h.model = %(model)s AND h.generated_at >= %(since)s"
+        " WHERE i.job_id = %(job)s AND i.state = %(done)s AND h.model = %(model)s AND h.generated_at >= %(since)s"
     )
 
 
@@ -51,7 +51,7 @@ def headnote_checks(conn: psycopg.Connection, job: JobRow, *, max_tokens: int,
     The citation check fails when fewer than ``min_citation_rate`` (0..1) of the headnotes whose
     case has a neutral citation mention it; with no such headnote there is nothing to fail.
     """
-    params = {"job": job.id, "model": job.model, "since": job.created_at}
+    params = {"job": job.id, "model": job.model, "since": job.created_at, "done": ItemState.DONE}
     written_sql = _written(source or CaseSource())
     written, empty, short, long, cited, with_citation = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE btrim(k.headnote) = ''),"

@@ -36,6 +36,7 @@ import psycopg
 from legal_batch.core.cost import batch_discount, price
 from legal_batch.core.errors import UserError
 from legal_batch.core.flow import Item, Permanent
+from legal_batch.core.ledger import ITEM_NOT_CANDIDATE_STATES, ITEM_OPEN_STATES, ItemState, sql_in
 from legal_batch.core.tokens import EncodingName, count_tokens, encoding, encoding_for_model
 from legal_batch.core.user_tables import CaseSource
 from legal_batch.flows.headnotes.prompt_template import PromptTemplate, default_prompt
@@ -320,7 +321,7 @@ class HeadnotesFlow:
             " WHERE k.full_text IS NOT NULL AND btrim(k.full_text) <> ''"
             f"   AND {condition}"
             "   AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %(flow)s AND i.subject_key = k.id::text"
-            "                   AND i.state IN ('exported', 'submitted', 'failed'))"
+            "                   AND i.state = ANY(%(not_candidate)s))"
         )
         if not self.source.has("headnote"):
             sql += " AND false"  # nowhere to write a headnote: nothing to request (`estimate` says why)
@@ -333,7 +334,7 @@ class HeadnotesFlow:
             "built_in_bytes": sum(len(text.encode()) for text in BUILT_IN_EXAMPLES[:max(self.few_shot, 0)]),
             "max_chars": self.max_chars, "chars_per_token": CHARS_PER_TOKEN, "max_input": max_input,
             "overwrite": self.overwrite, "before": self.overwrite_before, "flow": FLOW, "limit": self.limit_cases,
-            "stale": self.regenerate_stale,
+            "stale": self.regenerate_stale, "not_candidate": list(ITEM_NOT_CANDIDATE_STATES),
         }
 
     def estimate(self, conn: psycopg.Connection) -> CandidateEstimate:
@@ -361,8 +362,8 @@ class HeadnotesFlow:
             cur.execute(
                 "SELECT i.custom_id, k.neutral_citation, k.case_name, k.court, k.decision_date, k.full_text"
                 f" FROM batch_items i JOIN {cases} AS k ON k.id = i.subject_key::uuid"
-                " WHERE i.job_id = %s AND i.state IN ('exported', 'submitted') ORDER BY i.id",
-                (job_id,),
+                " WHERE i.job_id = %s AND i.state = ANY(%s) ORDER BY i.id",
+                (job_id, list(ITEM_OPEN_STATES)),
             )
             for row in cur:
                 yield build_request(CaseText(*row), system=system, max_chars=self.max_chars,
@@ -505,7 +506,7 @@ def flag_stale_headnotes(conn: psycopg.Connection, source: CaseSource | None = N
 DONE_WITHOUT_RESULT_SQL = (
     "SELECT i.subject_key FROM batch_items i JOIN batch_jobs j ON j.id = i.job_id"
     " LEFT JOIN case_headnotes h ON h.case_id = i.subject_key::uuid"
-    " WHERE i.flow = 'headnotes' AND i.state = 'done' AND (h.case_id IS NULL"
+    f" WHERE i.flow = 'headnotes' AND i.state IN {sql_in([ItemState.DONE])} AND (h.case_id IS NULL"
     "   OR h.model IS DISTINCT FROM j.model OR h.generated_at < j.created_at)"
 )
 """Done headnote items whose headnote was not written by their job (for `legal-batch verify`): no

@@ -26,6 +26,7 @@ from typing import Literal
 import psycopg
 
 from legal_batch.core.flow import Item
+from legal_batch.core.ledger import ITEM_OPEN_STATES, ItemState, sql_in
 from legal_batch.flows.template.runs import (
     COPY_ROWS,
     CUSTOM_ID_EXPR,
@@ -40,7 +41,8 @@ from legal_batch.providers.base import ChatRequest, Endpoint, Request, Result
 DONE_WITHOUT_RESULT_SQL = (
     "SELECT i.subject_key FROM batch_items i"
     f" CROSS JOIN LATERAL regexp_match(i.subject_key, {SUBJECT_SQL}) AS k(m)"
-    " WHERE i.flow = 'template' AND i.state = 'done' AND NOT EXISTS (SELECT 1 FROM template_results x"
+    f" WHERE i.flow = 'template' AND i.state IN {sql_in([ItemState.DONE])}"
+    "  AND NOT EXISTS (SELECT 1 FROM template_results x"
     "  WHERE x.run_id = k.m[1]::bigint AND x.file_key = k.m[2] AND x.row_no = k.m[3]::int)"
 )
 
@@ -100,8 +102,8 @@ class TemplateFlow:
                 f" CROSS JOIN LATERAL regexp_match(i.subject_key, {SUBJECT_SQL}) AS k(m)"
                 " JOIN template_rows r ON r.run_id = k.m[1]::bigint AND r.file_key = k.m[2]"
                 "  AND r.row_no = k.m[3]::int"
-                " WHERE i.job_id = %s AND i.state IN ('exported', 'submitted') ORDER BY i.id",
-                (job_id,),
+                " WHERE i.job_id = %s AND i.state = ANY(%s) ORDER BY i.id",
+                (job_id, list(ITEM_OPEN_STATES)),
             )
             for request_id, run_id, user in cur:
                 system, schema, max_tokens, prefill = runs[run_id]

@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from legal_batch.core.ledger import ITEM_CLOSED_WITHOUT_RESULT_STATES, ITEM_OPEN_STATES
 from legal_batch.flows.template.errors import TemplateError
 from legal_batch.flows.template.realtime import RealtimeReport, answer_realtime
 from legal_batch.flows.template.results import (
@@ -295,12 +296,12 @@ def finish_run(conn: psycopg.Connection, run_id: int, *, provider_for: Callable[
 def _count(conn: psycopg.Connection, progress: RunProgress) -> None:
     records, answered, in_batch = conn.execute(
         "SELECT count(*), count(x.row_no), count(*) FILTER (WHERE x.row_no IS NULL"
-        "   AND i.state IN ('exported', 'submitted'))"
+        "   AND i.state = ANY(%s))"
         " FROM template_rows r"
         " LEFT JOIN template_results x ON x.run_id = r.run_id AND x.file_key = r.file_key AND x.row_no = r.row_no"
         f" LEFT JOIN batch_items i ON i.flow = %s AND i.subject_key = {SUBJECT_EXPR}"
         " WHERE r.run_id = %s",
-        (FLOW, progress.run.id),
+        (list(ITEM_OPEN_STATES), FLOW, progress.run.id),
     ).fetchone()
     progress.records, progress.answered, progress.in_batch = records, answered, in_batch
     progress.waiting = records - answered - in_batch
@@ -335,11 +336,11 @@ def has_pending_work(conn: psycopg.Connection) -> bool:
         "   OR NOT EXISTS (SELECT 1 FROM template_rows r WHERE r.run_id = t.id AND NOT EXISTS"
         "       (SELECT 1 FROM template_results x WHERE x.run_id = r.run_id AND x.file_key = r.file_key"
         "        AND x.row_no = r.row_no))"
-        "   OR EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %s AND i.state IN ('retryable', 'failed')"
+        "   OR EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %s AND i.state = ANY(%s)"
         "       AND split_part(i.subject_key, ':', 1) = t.id::text AND NOT EXISTS"
         "       (SELECT 1 FROM template_results x WHERE x.run_id = t.id"
         f"        AND {SUBJECT_KEY_OF_RESULT} = i.subject_key))))",
-        (FLOW,),
+        (FLOW, list(ITEM_CLOSED_WITHOUT_RESULT_STATES)),
     ).fetchone()[0])
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import psycopg
 
+from legal_batch.core.ledger import ITEM_CLOSED_WITHOUT_RESULT_STATES, ItemState
 from legal_batch.flows.template.flow import TemplateSink, chat_request
 from legal_batch.flows.template.runs import FLOW, SUBJECT_EXPR, TemplateRun, custom_id
 from legal_batch.providers.base import BatchProvider, Result
@@ -45,10 +46,11 @@ def answer_realtime(conn: psycopg.Connection, run: TemplateRun, provider: BatchP
             " WHERE r.run_id = %(run)s AND (f.file_no, r.row_no) > (%(file_no)s, %(row_no)s)"
             "   AND NOT EXISTS (SELECT 1 FROM template_results x WHERE x.run_id = r.run_id"
             "                   AND x.file_key = r.file_key AND x.row_no = r.row_no)"
-            "   AND (%(realtime)s OR i.state IN ('retryable', 'failed'))"
+            "   AND (%(realtime)s OR i.state = ANY(%(without_result)s))"
             " ORDER BY f.file_no, r.row_no LIMIT %(limit)s",
             {"flow": FLOW, "run": run.id, "file_no": last[0], "row_no": last[1],
-             "realtime": run.execution == "realtime", "limit": page_size},
+             "realtime": run.execution == "realtime", "limit": page_size,
+             "without_result": list(ITEM_CLOSED_WITHOUT_RESULT_STATES)},
         ).fetchall()
         if not page:
             return report
@@ -86,7 +88,7 @@ def _answer_page(conn: psycopg.Connection, run: TemplateRun, provider: BatchProv
                 failed.append((item_id, f"batch: {batch_error}; real time: {error}"))
     with conn.transaction():
         sink.finish()
-        for state, updates in (("done", done), ("failed", failed)):
+        for state, updates in ((ItemState.DONE, done), (ItemState.FAILED, failed)):
             if updates:
                 with conn.cursor() as cur:
                     cur.executemany("UPDATE batch_items SET state = %s, last_error = %s, updated_at = now()"

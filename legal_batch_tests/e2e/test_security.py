@@ -191,6 +191,7 @@ SQL_FRAGMENTS = {
                 "2,000 dimensions)",
     "subjects_sql": "ledger.record_served_subjects: a SELECT of subjects built by the code (vector_cache.serve)",
     "chunks": "vector_cache.serve: case_chunks, or its rows for ids or hashes passed as parameters",
+    "scope": "flows/embeddings/replicas: case_chunks, or its rows of one shard's texts (the job id a parameter)",
 }
 SQL_STATE_LISTS = re.compile(r"(ledger\.)?sql_in\(.*\)")
 """ledger.sql_in: a group of the ledger's own states as an SQL list (it refuses anything but members of

@@ -172,11 +172,11 @@ def _batches(conn: psycopg.Connection, sink: VectorSink, *, model: str, table: V
              job_id: int | None) -> Iterator[list[VectorRecord]]:
     """The chunks with a vector in the vector table that `sink` lacks (or holds for another text), with
     their vector, text and metadata, `_BATCH` at a time."""
-    cases = source.select("id", "neutral_citation")
-    query = (
+    cases, scope, relation = source.select("id", "neutral_citation"), _scope(job_id), table.relation
+    query_sql = (
         "SELECT c.case_id::text, c.chunk_index, e.embedding, c.chunk_text, c.chunk_type, k.neutral_citation"
-        f" FROM {_scope(job_id)} AS c"
-        f" JOIN {table.relation} e ON e.case_id = c.case_id AND e.chunk_index = c.chunk_index"
+        f" FROM {scope} AS c"
+        f" JOIN {relation} e ON e.case_id = c.case_id AND e.chunk_index = c.chunk_index"
         "  AND e.model = %(model)s"
         f" LEFT JOIN {cases} AS k ON k.id = c.case_id"
         " WHERE NOT EXISTS (SELECT 1 FROM sink_vectors s WHERE s.target = %(target)s AND s.model = %(model)s"
@@ -184,7 +184,7 @@ def _batches(conn: psycopg.Connection, sink: VectorSink, *, model: str, table: V
         " ORDER BY c.case_id, c.chunk_index")
     with conn.cursor(name=f"replicate_{abs(hash((sink.where, job_id))) % 10**9}") as cur:
         cur.itersize = _BATCH
-        cur.execute(query, {"model": model, "target": sink.where, "job": job_id})
+        cur.execute(query_sql, {"model": model, "target": sink.where, "job": job_id})
         records: list[VectorRecord] = []
         for case_id, index, vector, text, chunk_type, citation in cur:
             records.append(VectorRecord(case_id, index, as_array(vector), text, chunk_metadata(
@@ -201,9 +201,10 @@ def _missing(conn: psycopg.Connection, *, target: str, model: str, table: Vector
              ) -> list[str]:
     """Chunks with a vector that a sink which could not be opened does not hold (by its name: its
     collection is unknown), at ingest those of the shard's texts."""
+    scope, relation = _scope(job_id), table.relation
     rows = conn.execute(
-        f"SELECT c.case_id::text, c.chunk_index FROM {_scope(job_id)} AS c"
-        f" JOIN {table.relation} e ON e.case_id = c.case_id AND e.chunk_index = c.chunk_index AND e.model = %(model)s"
+        f"SELECT c.case_id::text, c.chunk_index FROM {scope} AS c"
+        f" JOIN {relation} e ON e.case_id = c.case_id AND e.chunk_index = c.chunk_index AND e.model = %(model)s"
         " WHERE NOT EXISTS (SELECT 1 FROM sink_vectors s WHERE s.target LIKE %(prefix)s AND s.model = %(model)s"
         "  AND s.case_id = c.case_id AND s.chunk_index = c.chunk_index AND s.text_sha256 = c.text_sha256)",
         {"model": model, "job": job_id, "prefix": f"{target} %"}).fetchall()
@@ -251,9 +252,10 @@ def _settle(conn: psycopg.Connection, report: Replication, stored: set[str], *, 
         keys = sorted(report.refused)
         case_ids = [key.rpartition(":")[0] for key in keys]
         indexes = [int(key.rpartition(":")[2]) for key in keys]
+        relation = table.relation
         if cache is not None:
-            vector_cache.stash(conn, cache, table=table.relation, case_ids=case_ids, chunk_indexes=indexes)
-            conn.execute(f"DELETE FROM {table.relation} e USING unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index)"
+            vector_cache.stash(conn, cache, table=relation, case_ids=case_ids, chunk_indexes=indexes)
+            conn.execute(f"DELETE FROM {relation} e USING unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index)"
                          " WHERE e.case_id = k.case_id AND e.chunk_index = k.chunk_index AND e.model = %s",
                          (case_ids, indexes, model))
         ledger.reopen_subjects(conn, FLOW, [(key, report.refused[key]) for key in keys])
@@ -303,14 +305,15 @@ def verify_sinks(conn: psycopg.Connection, *, names: Sequence[str], table: Vecto
         "SELECT DISTINCT params->'sinks' FROM batch_jobs WHERE flow = %s AND params ? 'sinks'", (FLOW,))
         for name in (sinks or [])}
     wanted = [name for name in dict.fromkeys([*further_sinks(names), *sorted(further_sinks(list(planned)))])]
-    models = [row[0] for row in conn.execute(f"SELECT DISTINCT model FROM {table.relation} ORDER BY 1")]
+    relation = table.relation
+    models = [row[0] for row in conn.execute(f"SELECT DISTINCT model FROM {relation} ORDER BY 1")]
     verdicts: list[SinkVerdict] = []
     for model in models:
         expected = conn.execute(
-            f"SELECT count(*) FROM {table.relation} e JOIN case_chunks c ON c.case_id = e.case_id"
+            f"SELECT count(*) FROM {relation} e JOIN case_chunks c ON c.case_id = e.case_id"
             " AND c.chunk_index = e.chunk_index WHERE e.model = %s", (model,)).fetchone()[0]
         keys = [vector_id(case_id, index) for case_id, index in conn.execute(
-            f"SELECT case_id::text, chunk_index FROM {table.relation} WHERE model = %s ORDER BY random() LIMIT %s",
+            f"SELECT case_id::text, chunk_index FROM {relation} WHERE model = %s ORDER BY random() LIMIT %s",
             (model, sample))]
         for name in wanted:
             try:

@@ -27,7 +27,7 @@ from legal_batch.core.cost import price
 from legal_batch.core.crash import crash_point
 from legal_batch.core.flow import Flow, Item, Permanent
 from legal_batch.core.jsonl import atomic_writer, iter_objects
-from legal_batch.core.ledger import JobRow, JobState, PlanResult, ShardLimits
+from legal_batch.core.ledger import ItemState, JobRow, JobState, PlanResult, ShardLimits
 from legal_batch.core.quota import QuotaPolicy
 from legal_batch.providers.base import (
     TERMINAL_STATES,
@@ -672,13 +672,7 @@ def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: 
                     on_progress: Callable[[int], None] | None = None) -> IngestReport:
     """Join results to the shard's items on custom id, write the valid ones through the flow's sink
     and close every item (inside the caller's transaction)."""
-    items = {
-        row[2]: Item(*row)
-        for row in conn.execute(
-            "SELECT id, subject_key, custom_id FROM batch_items WHERE job_id = %s AND state = 'submitted'",
-            (job.id,),
-        )
-    }
+    items = {row[2]: Item(*row) for row in ledger.submitted_items(conn, job.id)}
     outcomes: dict[int, tuple[str, str | None]] = {}
     sink = flow.sink(conn, model=job.model)
     closer = _DoneItems(conn, job.id)
@@ -698,12 +692,12 @@ def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: 
                 report.problems.append(f"{_where(result, job)}: unknown custom id {result.custom_id!r} (not a request "
                                        "of this shard)")
                 continue
-            if item.id in outcomes and outcomes[item.id][0] == "done":
+            if item.id in outcomes and outcomes[item.id][0] == ItemState.DONE:
                 report.problems.append(f"{_where(result, job)}: duplicate result for {result.custom_id!r}; the first "
                                        "was kept")
                 continue
             if result.error is not None:
-                state = "retryable" if result.retryable else "failed"
+                state = ItemState.RETRYABLE if result.retryable else ItemState.FAILED
                 outcomes[item.id] = (state, f"{_where(result, job)}, {result.custom_id}: {result.error}")
                 continue
             reason = sink.accept(item, result)
@@ -711,7 +705,7 @@ def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: 
                 outcomes[item.id] = _DONE
                 closer.add(item.id)
             else:
-                state = "failed" if isinstance(reason, Permanent) else "retryable"
+                state = ItemState.FAILED if isinstance(reason, Permanent) else ItemState.RETRYABLE
                 outcomes[item.id] = (state, f"{_where(result, job)}, {result.custom_id}: {reason}")
         report.rows_written = sink.finish()
     except BaseException:
@@ -722,15 +716,14 @@ def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: 
     if report.problems:
         missing_reason += f"; {len(report.problems)} output lines were unusable, e.g. {report.problems[0]}"
     for item in items.values():
-        outcomes.setdefault(item.id, ("retryable", missing_reason))
-    _apply_outcomes(conn, job.id, {i: o for i, o in outcomes.items() if i not in closed}, max_attempts=max_attempts)
+        outcomes.setdefault(item.id, (ItemState.RETRYABLE, missing_reason))
+    ledger.close_items(conn, job.id, {i: o for i, o in outcomes.items() if i not in closed}, max_attempts=max_attempts)
     sink.settle(job.id)
     crash_point("mid_ingest")
-    counts = dict(conn.execute(
-        "SELECT state, count(*) FROM batch_items WHERE job_id = %s GROUP BY state", (job.id,)).fetchall())
-    report.done = counts.get("done", 0)
-    report.retryable = counts.get("retryable", 0)
-    report.failed = counts.get("failed", 0)
+    counts = ledger.item_counts(conn, job.id)
+    report.done = counts.get(ItemState.DONE, 0)
+    report.retryable = counts.get(ItemState.RETRYABLE, 0)
+    report.failed = counts.get(ItemState.FAILED, 0)
     cost = price(job.model, input_tokens=report.input_tokens, output_tokens=report.output_tokens,
                  batch=job.mode == "batch")
     report.actual_cost_usd = float(cost.batch_usd)
@@ -743,7 +736,7 @@ def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: 
     return report
 
 
-_DONE: tuple[str, str | None] = ("done", None)
+_DONE: tuple[str, str | None] = (ItemState.DONE, None)
 
 
 def _where(result: Result, job: JobRow) -> str:
@@ -786,11 +779,7 @@ class _DoneItems:
     def _run(self) -> None:
         try:
             while (ids := self._queue.get()) is not None:
-                self.conn.execute(
-                    "UPDATE batch_items SET state = 'done', last_error = NULL, updated_at = now()"
-                    " WHERE id = ANY(%s) AND job_id = %s AND state = 'submitted'",
-                    (ids, self.job_id),
-                )
+                ledger.close_items_done(self.conn, self.job_id, ids)
         except BaseException as exc:  # surfaced to the caller in add() or finish()
             self._error = exc
             while self._queue.get() is not None:
@@ -808,21 +797,3 @@ class _DoneItems:
         if self._error is not None:
             raise self._error
         return self._closed
-
-
-def _apply_outcomes(conn: psycopg.Connection, job_id: int, outcomes: dict[int, tuple[str, str | None]], *,
-                    max_attempts: int) -> None:
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS item_outcomes (id bigint, state text, error text) ON COMMIT DROP")
-    conn.execute("TRUNCATE item_outcomes")
-    with conn.cursor().copy("COPY item_outcomes (id, state, error) FROM STDIN") as copy:
-        for item_id, (state, error) in outcomes.items():
-            copy.write_row((item_id, state, error))
-    conn.execute(
-        "UPDATE batch_items i SET state = CASE WHEN o.state = 'retryable' AND i.attempts >= %s THEN 'failed'"
-        "   ELSE o.state END,"
-        " last_error = CASE WHEN o.state = 'retryable' AND i.attempts >= %s"
-        "   THEN o.error || ' (gave up after ' || i.attempts || ' attempts)' ELSE o.error END,"
-        " updated_at = now()"
-        " FROM item_outcomes o WHERE i.id = o.id AND i.job_id = %s AND i.state = 'submitted'",
-        (max_attempts, max_attempts, job_id),
-    )

@@ -413,10 +413,11 @@ def reopen_subjects(conn: psycopg.Connection, flow: str, reopened: Iterable[tupl
     if not rows:
         return 0
     return conn.execute(
-        "UPDATE batch_items i SET state = 'retryable', last_error = r.reason, updated_at = now()"
+        "UPDATE batch_items i SET state = %s, last_error = r.reason, updated_at = now()"
         " FROM unnest(%s::text[], %s::text[]) AS r (subject_key, reason)"
-        " WHERE i.flow = %s AND i.subject_key = r.subject_key AND i.state IN ('done', 'retryable')",
-        ([key for key, _ in rows], [reason for _, reason in rows], flow)).rowcount
+        " WHERE i.flow = %s AND i.subject_key = r.subject_key AND i.state = ANY(%s)",
+        (ItemState.RETRYABLE, [key for key, _ in rows], [reason for _, reason in rows], flow,
+         list(ITEM_CLAIMABLE_STATES))).rowcount
 
 
 def close_reopened_subjects(conn: psycopg.Connection, flow: str, subject_keys: list[str]) -> int:
@@ -424,8 +425,49 @@ def close_reopened_subjects(conn: psycopg.Connection, flow: str, subject_keys: l
     if not subject_keys:
         return 0
     return conn.execute(
-        "UPDATE batch_items SET state = 'done', last_error = NULL, updated_at = now()"
-        " WHERE flow = %s AND subject_key = ANY(%s) AND state = 'retryable'", (flow, subject_keys)).rowcount
+        "UPDATE batch_items SET state = %s, last_error = NULL, updated_at = now()"
+        " WHERE flow = %s AND subject_key = ANY(%s) AND state = %s",
+        (ItemState.DONE, flow, subject_keys, ItemState.RETRYABLE)).rowcount
+
+
+def submitted_items(conn: psycopg.Connection, job_id: int) -> list[tuple[int, str, str]]:
+    """(id, subject key, custom id) of a shard's items waiting for its results."""
+    return conn.execute("SELECT id, subject_key, custom_id FROM batch_items WHERE job_id = %s AND state = %s",
+                        (job_id, ItemState.SUBMITTED)).fetchall()
+
+
+def close_items_done(conn: psycopg.Connection, job_id: int, item_ids: list[int]) -> None:
+    """A shard's items whose result was written: `done`."""
+    conn.execute("UPDATE batch_items SET state = %s, last_error = NULL, updated_at = now()"
+                 " WHERE id = ANY(%s) AND job_id = %s AND state = %s",
+                 (ItemState.DONE, item_ids, job_id, ItemState.SUBMITTED))
+
+
+def close_items(conn: psycopg.Connection, job_id: int, outcomes: dict[int, tuple[str, str | None]], *,
+                max_attempts: int) -> None:
+    """Close a shard's submitted items with their outcome (item id → (state, reason)); a `retryable`
+    one out of attempts becomes `failed`, saying so."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS item_outcomes (id bigint, state text, error text) ON COMMIT DROP")
+    conn.execute("TRUNCATE item_outcomes")
+    with conn.cursor().copy("COPY item_outcomes (id, state, error) FROM STDIN") as copy:
+        for item_id, (state, error) in outcomes.items():
+            copy.write_row((item_id, str(state), error))
+    conn.execute(
+        "UPDATE batch_items i SET state = CASE WHEN o.state = %(retryable)s AND i.attempts >= %(max)s"
+        "   THEN %(failed)s ELSE o.state END,"
+        " last_error = CASE WHEN o.state = %(retryable)s AND i.attempts >= %(max)s"
+        "   THEN o.error || ' (gave up after ' || i.attempts || ' attempts)' ELSE o.error END,"
+        " updated_at = now()"
+        " FROM item_outcomes o WHERE i.id = o.id AND i.job_id = %(job)s AND i.state = %(submitted)s",
+        {"retryable": ItemState.RETRYABLE, "failed": ItemState.FAILED, "submitted": ItemState.SUBMITTED,
+         "max": max_attempts, "job": job_id},
+    )
+
+
+def item_counts(conn: psycopg.Connection, job_id: int) -> dict[str, int]:
+    """A shard's items by state."""
+    return dict(conn.execute("SELECT state, count(*) FROM batch_items WHERE job_id = %s GROUP BY state",
+                             (job_id,)).fetchall())
 
 
 def forget_subjects(conn: psycopg.Connection, flow: str, subject_keys: list[str]) -> int:

@@ -85,7 +85,7 @@ def serve(conn: psycopg.Connection, key: CacheKey, *, table: str, flow: str = "e
     conn.execute("TRUNCATE cache_hits")
     params = {"provider": key.provider, "model": key.model, "dims": key.dimensions, "flow": flow,
               "cases": None if case_ids is None else list(case_ids),
-              "hashes": None if hashes is None else list(hashes)}
+              "hashes": None if hashes is None else list(hashes), "open": list(ledger.ITEM_OPEN_STATES)}
     # the chunks to look at, as a join the planner sizes from the list (not `= ANY` rechecked per row)
     chunks = ("(SELECT c.* FROM unnest(%(hashes)s::text[]) AS w (text_sha256) JOIN case_chunks c"
               " ON c.text_sha256 = w.text_sha256)" if hashes is not None else
@@ -100,7 +100,7 @@ def serve(conn: psycopg.Connection, key: CacheKey, *, table: str, flow: str = "e
         "                  AND e.model = %(model)s)"
         "   AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %(flow)s"
         "                  AND i.subject_key = c.case_id::text || ':' || c.chunk_index"
-        "                  AND i.state IN ('exported', 'submitted'))",
+        "                  AND i.state = ANY(%(open)s))",
         params,
     ).rowcount
     if not found:

@@ -106,8 +106,8 @@ def build_index_when_loaded(context: dg.AssetExecutionContext, conn: psycopg.Con
             " OR status_sha256 IS DISTINCT FROM text_sha256)").fetchone()[0]:
         names = [record_source] if record_source else sorted({label.split(":", 1)[0] for (label,) in conn.execute(
             "SELECT DISTINCT source FROM source_records")})
-        model = conn.execute("SELECT model FROM batch_jobs WHERE flow = %s AND state = 'ingested'"
-                             " ORDER BY ingested_at DESC LIMIT 1", (NAMES.flow,)).fetchone()
+        model = conn.execute("SELECT model FROM batch_jobs WHERE flow = %s AND state = %s"
+                             " ORDER BY ingested_at DESC LIMIT 1", (NAMES.flow, ledger.JobState.INGESTED)).fetchone()
         for name in names:
             written = write_back(conn, name, settings, model=model[0] if model else (settings.embedding_model or ""))
             context.log.info(written.line())

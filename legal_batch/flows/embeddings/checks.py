@@ -36,7 +36,7 @@ def sink_checks(conn: psycopg.Connection, job: JobRow) -> dg.AssetCheckResult:
         return dg.AssetCheckResult(check_name="vectors_in_every_sink", passed=True,
                                    metadata={"further_sinks": "none"})
     ids = [row[0] for row in conn.execute(
-        "SELECT subject_key FROM batch_items WHERE job_id = %s AND state = 'done' ORDER BY id", (job.id,))]
+        "SELECT subject_key FROM batch_items WHERE job_id = %s AND state = %s ORDER BY id", (job.id, ItemState.DONE))]
     sinks, unavailable = open_sinks(names, model=job.model, dimensions=dimensions, settings=get_settings(),
                                     strict=False)
     metadata: dict = {"done_chunks": len(ids)}

@@ -25,6 +25,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from legal_batch.core.errors import UserError
+from legal_batch.core.ledger import ItemState
 from legal_batch.core.user_tables import text_sha256
 
 if TYPE_CHECKING:
@@ -190,7 +191,8 @@ def write_back(conn: psycopg.Connection, name: str, settings: Settings, *, model
     label = source_label(name, source)
     report = WrittenBack()
     while True:
-        rows = conn.execute(_OUTCOMES_SQL, {"source": label, "flow": FLOW, "limit": _WRITE_BACK_BATCH}).fetchall()
+        rows = conn.execute(_OUTCOMES_SQL, {"source": label, "flow": FLOW, "limit": _WRITE_BACK_BATCH,
+                                            "done": ItemState.DONE, "failed": ItemState.FAILED}).fetchall()
         updates, written = [], []
         for case_id, record_id, sha, chunks, done, failure in rows:
             if failure is not None:
@@ -226,8 +228,8 @@ WITH pending AS (
 outcomes AS (
     SELECT p.case_id, p.record_id, p.text_sha256, p.chunks,
         (SELECT count(*) FROM generate_series(0, p.chunks - 1) AS n JOIN batch_items i
-          ON i.flow = %(flow)s AND i.subject_key = p.case_id::text || ':' || n.n WHERE i.state = 'done') AS done,
-        (SELECT min(i.last_error) FROM batch_items i WHERE i.flow = %(flow)s AND i.state = 'failed'
+          ON i.flow = %(flow)s AND i.subject_key = p.case_id::text || ':' || n.n WHERE i.state = %(done)s) AS done,
+        (SELECT min(i.last_error) FROM batch_items i WHERE i.flow = %(flow)s AND i.state = %(failed)s
           AND i.subject_key IN (SELECT 'case:' || p.case_id::text UNION ALL
                                 SELECT p.case_id::text || ':' || n FROM generate_series(0, p.chunks - 1) AS n))
           AS failure

@@ -165,7 +165,7 @@ def _scope(job_id: int | None) -> str:
     return ("(SELECT c.* FROM case_chunks c WHERE c.text_sha256 IN (SELECT o.text_sha256 FROM batch_items i"
             "  JOIN case_chunks o ON o.case_id = split_part(i.subject_key, ':', 1)::uuid"
             "   AND o.chunk_index = split_part(i.subject_key, ':', 2)::int"
-            "  WHERE i.job_id = %(job)s AND i.state = 'done'))")
+            "  WHERE i.job_id = %(job)s AND i.state = %(done)s))")
 
 
 def _batches(conn: psycopg.Connection, sink: VectorSink, *, model: str, table: VectorTable, source: CaseSource,
@@ -184,7 +184,7 @@ def _batches(conn: psycopg.Connection, sink: VectorSink, *, model: str, table: V
         " ORDER BY c.case_id, c.chunk_index")
     with conn.cursor(name=f"replicate_{abs(hash((sink.where, job_id))) % 10**9}") as cur:
         cur.itersize = _BATCH
-        cur.execute(query_sql, {"model": model, "target": sink.where, "job": job_id})
+        cur.execute(query_sql, {"model": model, "target": sink.where, "job": job_id, "done": ledger.ItemState.DONE})
         records: list[VectorRecord] = []
         for case_id, index, vector, text, chunk_type, citation in cur:
             records.append(VectorRecord(case_id, index, as_array(vector), text, chunk_metadata(
@@ -207,7 +207,7 @@ def _missing(conn: psycopg.Connection, *, target: str, model: str, table: Vector
         f" JOIN {relation} e ON e.case_id = c.case_id AND e.chunk_index = c.chunk_index AND e.model = %(model)s"
         " WHERE NOT EXISTS (SELECT 1 FROM sink_vectors s WHERE s.target LIKE %(prefix)s AND s.model = %(model)s"
         "  AND s.case_id = c.case_id AND s.chunk_index = c.chunk_index AND s.text_sha256 = c.text_sha256)",
-        {"model": model, "job": job_id, "prefix": f"{target} %"}).fetchall()
+        {"model": model, "job": job_id, "prefix": f"{target} %", "done": ledger.ItemState.DONE}).fetchall()
     return [vector_id(case_id, index) for case_id, index in rows]
 
 

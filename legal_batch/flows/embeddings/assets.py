@@ -86,7 +86,7 @@ def build_index_when_loaded(context: dg.AssetExecutionContext, conn: psycopg.Con
               "cache_usd_saved_total": float(saved.usd)}
     table = VectorTable.from_settings(get_settings())
     with watch_index_build(database.connect, context.log.info, table=table.relation):
-        seconds = ensure_vector_index(conn, table=table)
+        seconds = ensure_vector_index(conn, table=table, log=context.log.info)
     if seconds is None:
         return totals
     context.log.info(f"built the HNSW index on {table.name} in {seconds:.1f} s")

@@ -56,3 +56,23 @@ def test_halfvec_copy_sends_float16_big_endian():
     assert tail[:4] == (4 + 3 * 2).to_bytes(4, "big") and tail[4:6] == (3).to_bytes(2, "big")
     assert np.frombuffer(tail[8:], dtype=">f2").tolist() == vectors[0].astype(np.float16).tolist()
     assert len(binary_copy_data([str(uuid.UUID(int=1))], [0], vectors)) == len(data) + 3 * 2
+
+
+@pytest.mark.parametrize("storage", ["vector", "halfvec"])
+def test_index_recall_compares_the_index_with_exact_search(conn, storage):
+    from legal_batch.flows.embeddings.index_recall import index_recall
+
+    conn.execute(f"CREATE TABLE public.vecs (case_id uuid, chunk_index int, model text, embedding {storage}(16))")
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((2_000, 16)).astype(np.float32)
+    with conn.cursor().copy("COPY public.vecs (case_id, chunk_index, model, embedding) FROM STDIN") as copy:
+        for row, vector in enumerate(vectors):
+            copy.write_row((uuid.UUID(int=row), 0, "m", "[" + ",".join(map(str, vector)) + "]"))
+    table = VectorTable("public.vecs", 16, storage)
+    conn.execute(hnsw_index_sql(table))
+
+    measured = index_recall(conn, table, queries=20, k=10, ef_search=100)
+    assert measured.queries == 20 and measured.k == 10
+    assert 0.8 <= measured.recall <= 1.0 and measured.index_seconds > 0 and measured.exact_seconds > 0
+    poor = index_recall(conn, table, queries=20, k=10, ef_search=1)  # the index returns at most ef_search rows
+    assert poor.recall <= 0.2

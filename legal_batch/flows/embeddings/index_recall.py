@@ -44,21 +44,22 @@ class IndexRecall:
 
 
 def index_recall(conn: psycopg.Connection, table: VectorTable, *, queries: int = 100, k: int = 10,
-                 ef_search: int = 40, seed: int = 1) -> IndexRecall:
+                 ef_search: int = 40, seed: int = 1, exact: VectorTable | None = None) -> IndexRecall:
     """Recall@`k` of the table's HNSW index against exact search, over `queries` vectors sampled from
     the table (fewer when it holds fewer). `ef_search` is pgvector's default (40) unless given; the
-    product searches with 100 (`search.search`). Reads only; each search runs in its own
-    transaction with `SET LOCAL` settings."""
-    relation = table.relation
-    storage = stored_type(conn, relation) or table.storage
+    product searches with 100 (`search.search`). With `exact`, another table of the same vectors (the
+    `vector` table a `halfvec` copy was made from), the queries are sampled from it and the exact
+    top `k` is taken there: what storing and indexing as `halfvec` loses against float32 search.
+    Reads only; each search runs in its own transaction with `SET LOCAL` settings."""
+    relation = (exact or table).relation  # where the queries come from and the exact top k is taken
     rows = conn.execute(f"SELECT count(*) FROM {relation}").fetchone()[0]
     if not rows:
         return IndexRecall(0, k, ef_search, 0.0, 0.0, 0.0)
     percent = min(100.0, 100.0 * queries * 3 / rows)
     sample = conn.execute(f"SELECT embedding::real[] FROM {relation} TABLESAMPLE BERNOULLI (%s) REPEATABLE (%s)"
                           " LIMIT %s", (percent, seed, queries)).fetchall()
-    distance = cosine_distance_sql(table.dimensions, storage=storage, column="embedding")
-    nearest_sql = f"SELECT case_id, chunk_index, model FROM {relation} ORDER BY {distance} LIMIT %(k)s"
+    exact_sql = _nearest_sql(conn, exact or table)
+    nearest_sql = _nearest_sql(conn, table)
     found = 0
     index_seconds = exact_seconds = 0.0
     for (components,) in sample:
@@ -72,8 +73,17 @@ def index_recall(conn: psycopg.Connection, table: VectorTable, *, queries: int =
         started = time.perf_counter()
         with conn.transaction():
             conn.execute("SET LOCAL enable_indexscan = off")  # every distance computed: the exact top k
-            exact = {tuple(row) for row in conn.execute(nearest_sql, query).fetchall()}
+            best = {tuple(row) for row in conn.execute(exact_sql, query).fetchall()}
         exact_seconds += time.perf_counter() - started
-        found += len(approximate & exact) / max(len(exact), 1)
+        found += len(approximate & best) / max(len(best), 1)
     return IndexRecall(len(sample), k, ef_search, found / len(sample) if sample else 0.0, index_seconds,
                        exact_seconds)
+
+
+def _nearest_sql(conn: psycopg.Connection, table: VectorTable) -> str:
+    """The `k` (a parameter) keys nearest to the query `q` in the table, as its index is searched."""
+    relation = table.relation
+    distance = cosine_distance_sql(table.dimensions, storage=stored_type(conn, relation) or table.storage,
+                                   column="embedding")
+    nearest_sql = f"SELECT case_id, chunk_index, model FROM {relation} ORDER BY {distance} LIMIT %(k)s"
+    return nearest_sql

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export LEGAL_BATCH_HOME ?= $(CURDIR)/.legal_batch
 
-.PHONY: install demo demo-receipts test bench dev ui-check lint db-stop clean
+.PHONY: install demo demo-receipts test bench bench-scale dev ui-check lint db-stop clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "legal_batch needs Python 3.11 or newer (set PYTHON=...)")'
@@ -28,6 +28,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_embeddings --cases 10000 --ingest-lines 50000
+
+# the whole lifecycle, empty database → searchable, each stage against its limit; STORAGE=halfvec, COMPARE=1
+CASES ?= 3000
+STORAGE ?= vector
+bench-scale: $(STAMP)
+	$(BIN)/python -m benchmarks.bench_scale --cases $(CASES) --storage $(STORAGE) $(if $(COMPARE),--compare-storage)
 
 # `dg dev` (webserver + daemon) on the instance under $LEGAL_BATCH_HOME/dagster, started from there
 # (see legal_batch/ui.py); PORT=3001 make dev for another port

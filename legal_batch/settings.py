@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     embeddings_table: str | None = Field(default=None, description="The pgvector table vectors are written to, "
                                          "`schema.table` or a table in `public`; created when missing; unset → "
                                          "case_embeddings in our schema.")
+    embeddings_storage: Literal["vector", "halfvec"] = Field(
+        default="vector", description="How the vector table stores vectors: vector (float32) or halfvec (float16: "
+        "half the table and HNSW index, up to 4,000 dimensions indexed). Our empty table is converted; a table "
+        "holding the other type is one line at start.")
     embeddings_sinks: str = Field(default="pgvector", description="Where vectors are stored, a comma list of "
                                   "pgvector, chroma, weaviate (legal_batch/sinks/registry.py).")
     embeddings_source: str | None = Field(default=None, description="A record source read into the corpus "

@@ -2,12 +2,13 @@
 
 Settings point the source at an existing table or view and name its columns
 (`LEGAL_BATCH_SOURCE_TABLE`, `LEGAL_BATCH_SOURCE_*_COLUMN`), and name the table vectors are written to
-(`LEGAL_BATCH_EMBEDDINGS_TABLE`, with `LEGAL_BATCH_EMBEDDING_DIMENSIONS`). Unset, the source is the
+(`LEGAL_BATCH_EMBEDDINGS_TABLE`, with `LEGAL_BATCH_EMBEDDING_DIMENSIONS` and `LEGAL_BATCH_EMBEDDINGS_STORAGE`).
+Unset, the source is the
 built-in `court_cases` and vectors go to `case_embeddings`, both in our schema.
 
 `check_tables` runs at start (every CLI command, each Dagster process's first connection): it names,
 in one line, a missing table or column, a text column that is not text, an id column that is not a
-unique uuid, or a vector column of another dimension — before anything is written. A user's table
+unique uuid, or a vector column of another dimension or storage type — before anything is written. A user's table
 is never altered: the source is only read (and its headnote column written by the headnotes flow),
 and a vector table that exists is only written to; one that does not exist is created (and is then
 ours). Queries read the source through `CaseSource.select`, which gives every column its canonical
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import psycopg
 from psycopg import sql
@@ -152,18 +154,35 @@ def text_sha256(text: str | None) -> str:
     return hashlib.sha256((text or "").encode("utf-8")).hexdigest()
 
 
+Storage = Literal["vector", "halfvec"]
+"""How a vector table stores each component: `vector` (float32, 4 bytes) or `halfvec` (float16, 2
+bytes: half the table and index, searched with the same precision loss on both sides)."""
+
+
 @dataclass(frozen=True)
 class VectorTable:
-    """The pgvector table vectors are written to: `case_embeddings` (ours) unless named."""
+    """The pgvector table vectors are written to: `case_embeddings` (ours) unless named, its
+    `embedding` column `vector(dimensions)` or `halfvec(dimensions)` (`storage`)."""
 
     table: str | None = None
     dimensions: int = 1024
+    storage: Storage = "vector"
 
     @classmethod
     def from_settings(cls, settings) -> VectorTable:
         if settings.embeddings_table:
             _qualified(settings.embeddings_table, setting="LEGAL_BATCH_EMBEDDINGS_TABLE")
-        return cls(settings.embeddings_table or None, settings.embedding_dimensions)
+        return cls(settings.embeddings_table or None, settings.embedding_dimensions,
+                   getattr(settings, "embeddings_storage", "vector"))
+
+    @property
+    def column_type(self) -> str:
+        """The embedding column's type: `vector(1024)`, `halfvec(1024)`."""
+        return f"{self.storage}({self.dimensions})"
+
+    @property
+    def bytes_per_component(self) -> int:
+        return 2 if self.storage == "halfvec" else 4
 
     @property
     def name(self) -> str:
@@ -206,6 +225,14 @@ def _columns(conn: psycopg.Connection, relation: str) -> dict[str, _Column] | No
     rows = conn.execute("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
                         " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (oid,)).fetchall()
     return {name: _Column(name, kind) for name, kind in rows}
+
+
+def stored_type(conn: psycopg.Connection, relation: str) -> str | None:
+    """The type name of a table's `embedding` column (`vector`, `halfvec`); None without one."""
+    row = conn.execute("SELECT t.typname::text FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid"
+                       " WHERE a.attrelid = to_regclass(%s) AND a.attname = 'embedding' AND NOT a.attisdropped",
+                       (relation,)).fetchone()
+    return None if row is None else row[0]
 
 
 def _base_type(kind: str) -> str:
@@ -266,21 +293,22 @@ def check_source(conn: psycopg.Connection, source: CaseSource) -> None:
 
 
 _VECTOR_COLUMNS = (("case_id", ("uuid",), "uuid"), ("chunk_index", ("integer",), "integer"),
-                   ("model", _TEXT_TYPES, "text"), ("embedding", ("vector",), "vector(N)"),
+                   ("model", _TEXT_TYPES, "text"), ("embedding", ("vector", "halfvec"), "vector(N) or halfvec(N)"),
                    ("text_sha256", _TEXT_TYPES, "text"))
 
 
 def create_statement(table: VectorTable) -> str:
     return (f"CREATE TABLE {table.relation} (case_id uuid NOT NULL, chunk_index integer NOT NULL, model text NOT NULL,"
-            f" embedding vector({table.dimensions}) NOT NULL, text_sha256 text,"
+            f" embedding {table.column_type} NOT NULL, text_sha256 text,"
             " created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (case_id, chunk_index, model),"
             " FOREIGN KEY (case_id, chunk_index) REFERENCES case_chunks (case_id, chunk_index) ON DELETE CASCADE)")
 
 
 def check_vector_table(conn: psycopg.Connection, table: VectorTable) -> None:
-    """Make sure vectors of `table.dimensions` can be written to the table (inside the caller's
-    transaction): create it when a name was given for a table that does not exist; resize ours while
-    it is empty; otherwise a `UserError` naming the column and what to set."""
+    """Make sure vectors of `table.dimensions` can be written to the table as `table.storage` (inside
+    the caller's transaction): create it when a name was given for a table that does not exist;
+    resize ours, or change its storage type, while it is empty; otherwise a `UserError` naming the
+    column and what to set."""
     setting = "LEGAL_BATCH_EMBEDDINGS_TABLE"
     dims_setting = f"LEGAL_BATCH_EMBEDDING_DIMENSIONS={table.dimensions}"
     columns = _columns(conn, table.relation)
@@ -300,15 +328,27 @@ def check_vector_table(conn: psycopg.Connection, table: VectorTable) -> None:
         if found is None or _base_type(found.type) not in types:
             problem = "has no column" if found is None else f"has {name} of type {found.type}, not {shown}, in column"
             raise UserError(f"{setting}={table.table or DEFAULT_VECTOR_TABLE}: {where} {problem} {name}; vectors need "
-                            f"(case_id uuid, chunk_index integer, model text, embedding vector({table.dimensions}), "
+                            f"(case_id uuid, chunk_index integer, model text, embedding {table.column_type}, "
                             "text_sha256 text) with a primary key on (case_id, chunk_index, model) — "
                             f"set {setting} to a table that does not exist yet and it is created so")
     if not _unique_on(conn, table.relation, ["case_id", "chunk_index", "model"]):
         raise UserError(f"{setting}={table.table}: {where} has no primary key or unique index on (case_id, "
                         "chunk_index, model), which writing vectors again (upsert) needs; add one, or set "
                         f"{setting} to a table that does not exist yet and it is created so")
-    relation, dimensions = table.relation, table.dimensions
+    relation = table.relation
     kind = columns["embedding"].type
+    ours = table.owned(conn)
+    stored_as = _base_type(kind)
+    if stored_as != table.storage:
+        if ours and conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {relation})").fetchone()[0]:
+            _retype_empty(conn, table)
+            return
+        fix = (f"set LEGAL_BATCH_EMBEDDINGS_STORAGE={stored_as} (what it holds), or {setting} to a table that does "
+               f"not exist yet (it is created with {table.column_type})")
+        if ours:
+            fix += ", or empty it with `legal-batch reset --flow embeddings`"
+        raise UserError(f"LEGAL_BATCH_EMBEDDINGS_STORAGE={table.storage}: {where}.embedding is {kind}, not "
+                        f"{table.storage}; {fix}")
     declared = int(kind[kind.index("(") + 1:-1]) if "(" in kind else None
     if declared == table.dimensions:
         return
@@ -318,18 +358,27 @@ def check_vector_table(conn: psycopg.Connection, table: VectorTable) -> None:
         if all(dims == table.dimensions for (dims,) in held):
             return
         declared = next(dims for (dims,) in held if dims != table.dimensions)
-    ours = table.owned(conn)
-    if ours and columns["embedding"].type != "vector" and conn.execute(
-            f"SELECT NOT EXISTS (SELECT 1 FROM {relation})").fetchone()[0]:
-        view = _sink_view(conn)
-        conn.execute(f"DROP VIEW IF EXISTS {view}")
-        conn.execute(f"ALTER TABLE {relation} ALTER COLUMN embedding TYPE vector({dimensions})")
+    if ours and kind != table.storage and conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {relation})").fetchone()[0]:
+        _retype_empty(conn, table)
         return
     fix = (f"set LEGAL_BATCH_EMBEDDING_DIMENSIONS={declared} (the size it holds), or {setting} to a table that "
-           f"does not exist yet (it is created with vector({table.dimensions}))")
+           f"does not exist yet (it is created with {table.column_type})")
     if ours:
         fix += ", or empty it with `legal-batch reset --flow embeddings`"
     raise UserError(f"{dims_setting}: {where}.embedding holds vectors of {declared} dimensions; {fix}")
+
+
+def _retype_empty(conn: psycopg.Connection, table: VectorTable) -> None:
+    """Give an empty table of ours the configured embedding type. Its HNSW index goes with the old
+    type (an operator class is per type) and is built again after the next load."""
+    view, relation, column_type = _sink_view(conn), table.relation, table.column_type
+    conn.execute(f"DROP VIEW IF EXISTS {view}")
+    for schema, index in conn.execute(
+            "SELECT n.nspname::text, x.relname::text FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid"
+            " JOIN pg_namespace n ON n.oid = x.relnamespace JOIN pg_am a ON a.oid = x.relam"
+            " WHERE i.indrelid = to_regclass(%s) AND a.amname = 'hnsw'", (relation,)).fetchall():
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(schema, index)))
+    conn.execute(f"ALTER TABLE {relation} ALTER COLUMN embedding TYPE {column_type} USING embedding::{column_type}")
 
 
 def _sink_view(conn: psycopg.Connection) -> str:
@@ -341,7 +390,10 @@ def install_sink_view(conn: psycopg.Connection, table: VectorTable) -> None:
     """`embedding_sink` in our schema: the vector table in use, under one name for the queries that
     only read it (search, checks, `legal-batch verify`). Replaced only when the table changes."""
     view = _sink_view(conn)
-    fingerprint = f"legal_batch: {json.dumps({'table': table.name, 'dimensions': table.dimensions})}"
+    shape = {"table": table.name, "dimensions": table.dimensions}
+    if table.storage != "vector":  # (the fingerprint of a `vector` table is the one it always had)
+        shape["storage"] = table.storage
+    fingerprint = f"legal_batch: {json.dumps(shape)}"
     current = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", (view,)).fetchone()[0]
     if current == fingerprint:
         return

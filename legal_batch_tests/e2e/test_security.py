@@ -176,6 +176,8 @@ SQL_FRAGMENTS = {
     "table": "EmbeddingSink / vector_cache: its own staging table, or the vector table (a relation, below)",
     "columns": "EmbeddingSink: its own column list",
     "dimensions": "an int from settings, in a column type (vector(N))",
+    "storage": "vector or halfvec: LEGAL_BATCH_EMBEDDINGS_STORAGE (a Literal setting), or the table's own column type",
+    "column_type": "VectorTable.column_type: vector(N) or halfvec(N), from the two settings above",
     "relation": "a table of ours, or the one the settings name (LEGAL_BATCH_SOURCE_TABLE, "
                 "LEGAL_BATCH_EMBEDDINGS_TABLE), each part quoted as an identifier (core/user_tables.py)",
     "cases": "CaseSource.select(): a subquery of the source's columns, quoted as identifiers",

@@ -143,6 +143,49 @@ def test_other_dimensions_work_in_our_own_table_while_it_is_empty(lb_env, conn, 
     assert list(check.values())[0].status.value == "SUCCEEDED" and job.params["dimensions"] == 256
 
 
+def test_halfvec_storage_stores_indexes_and_searches_float16_vectors(lb_env, conn, dagster_instance, monkeypatch):
+    import numpy as np
+
+    from legal_batch.core.seed import seed_demo_cases
+    from legal_batch.flows.embeddings.search import search
+    from legal_batch.providers.base import EmbeddingRequest
+    from legal_batch.providers.local import LocalProvider
+
+    monkeypatch.setenv("LEGAL_BATCH_EMBEDDINGS_STORAGE", "halfvec")
+    get_settings(fresh=True)
+    seed_demo_cases(conn, cases=3)
+    run(dagster_instance, "embeddings")
+
+    assert scalar(conn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+                        " WHERE attrelid = 'case_embeddings'::regclass AND attname = 'embedding'") == "halfvec(1024)"
+    chunks = scalar(conn, "SELECT count(*) FROM case_chunks")
+    assert scalar(conn, "SELECT count(*) FROM case_embeddings WHERE vector_dims(embedding) = 1024"
+                        " AND text_sha256 IS NOT NULL") == chunks
+    assert "halfvec_cosine_ops" in scalar(conn, "SELECT indexdef FROM pg_indexes WHERE indexname = 'case_embeddings_hnsw'")
+    check = dagster_instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey("case_embeddings"), "vectors_finite_unit_norm")])
+    assert list(check.values())[0].status.value == "SUCCEEDED"
+
+    # the stored components are the provider's float32 vector rounded to float16, as ::halfvec rounds it
+    case_id, index, text = conn.execute("SELECT case_id, chunk_index, chunk_text FROM case_chunks"
+                                        " WHERE chunk_type <> 'headnote' ORDER BY case_id, chunk_index"
+                                        " OFFSET 5 LIMIT 1").fetchone()
+    provider = LocalProvider(lb_env.home_dir / "local_provider", dimensions=1024)
+    model = provider.default_model("embeddings")
+    vector = next(iter(provider.realtime([EmbeddingRequest("q", text)], endpoint="embeddings", model=model))).vector
+    stored = np.array(scalar(conn, "SELECT embedding::real[] FROM case_embeddings WHERE case_id = %s"
+                                   " AND chunk_index = %s", case_id, index), dtype=np.float32)
+    assert (stored == vector.astype(np.float16).astype(np.float32)).all()
+    assert (stored == np.array(scalar(conn, "SELECT %s::vector::halfvec::real[]", vector), dtype=np.float32)).all()
+
+    conn.execute("SET enable_seqscan = off")  # the index serves the search (the table is tiny)
+    plan = "\n".join(r[0] for r in conn.execute(
+        "EXPLAIN SELECT case_id FROM embedding_sink e ORDER BY e.embedding <=> %s::halfvec(1024) LIMIT 5", (vector,)))
+    assert "case_embeddings_hnsw" in plan, plan
+    hits = search(conn, vector, model=model, k=3)
+    assert hits[0].chunk_index == index and hits[0].chunk_text == text and hits[0].score > 0.999
+
+
 # -- bad input: one line naming the table, the column and what to set; nothing written --------------
 
 @pytest.fixture
@@ -214,6 +257,31 @@ def test_our_own_table_of_another_dimension_says_how_to_reset_it(cli_env, conn, 
     code, _, err = run_main(capsys, monkeypatch, "jobs", LEGAL_BATCH_EMBEDDING_DIMENSIONS="512")
     assert_one_line(code, err, "LEGAL_BATCH_EMBEDDING_DIMENSIONS=512", "case_embeddings.embedding holds vectors of "
                     "1024 dimensions", "legal-batch reset --flow embeddings")
+
+
+def test_our_own_table_holding_the_other_storage_type_is_one_line(cli_env, conn, capsys, monkeypatch):
+    conn.execute("INSERT INTO court_cases (id, full_text) VALUES (%s, 'x')", (uuid.uuid4(),))
+    conn.execute("INSERT INTO case_chunks VALUES ((SELECT id FROM court_cases), 0, 'body', 'x', 0, 1, 1, 'h')")
+    conn.execute("INSERT INTO case_embeddings (case_id, chunk_index, model, embedding) SELECT id, 0, 'm',"
+                 " array_fill(0.1, ARRAY[1024])::vector FROM court_cases")
+    code, _, err = run_main(capsys, monkeypatch, "embeddings", "export", LEGAL_BATCH_EMBEDDINGS_STORAGE="halfvec")
+    assert_one_line(code, err, "LEGAL_BATCH_EMBEDDINGS_STORAGE=halfvec", "case_embeddings.embedding is vector(1024), "
+                    "not halfvec", "LEGAL_BATCH_EMBEDDINGS_STORAGE=vector", "legal-batch reset --flow embeddings")
+    assert scalar(conn, "SELECT count(*) FROM batch_jobs") == 0
+    assert scalar(conn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+                        " WHERE attrelid = 'case_embeddings'::regclass AND attname = 'embedding'") == "vector(1024)"
+
+
+def test_your_table_of_the_other_storage_type_is_one_line_even_when_empty(cli_env, conn, capsys, monkeypatch):
+    conn.execute("CREATE TABLE public.vecs (case_id uuid, chunk_index integer, model text, embedding halfvec(1024),"
+                 " text_sha256 text, PRIMARY KEY (case_id, chunk_index, model))")
+    code, _, err = run_main(capsys, monkeypatch, "embeddings", "export", LEGAL_BATCH_EMBEDDINGS_TABLE="vecs")
+    assert_one_line(code, err, "LEGAL_BATCH_EMBEDDINGS_STORAGE=vector", "public.vecs.embedding is halfvec(1024), not "
+                    "vector", "LEGAL_BATCH_EMBEDDINGS_STORAGE=halfvec")
+    nothing_written(conn)
+    code, _, err = run_main(capsys, monkeypatch, "embeddings", "export", LEGAL_BATCH_EMBEDDINGS_STORAGE="float8")
+    assert_one_line(code, err, "LEGAL_BATCH_EMBEDDINGS_STORAGE='float8' is not valid", "'vector' or 'halfvec'")
+    monkeypatch.delenv("LEGAL_BATCH_EMBEDDINGS_STORAGE")
 
 
 # -- our schema ---------------------------------------------------------------------------------------

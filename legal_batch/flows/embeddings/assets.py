@@ -116,7 +116,7 @@ def build_index_when_loaded(context: dg.AssetExecutionContext, conn: psycopg.Con
     if PRIMARY not in parse_sink_names(settings.embeddings_sinks):
         return totals  # the vector table is not searched (LEGAL_BATCH_EMBEDDINGS_SINKS): no HNSW index to build
     with watch_index_build(database.connect, context.log.info, table=table.relation):
-        seconds = ensure_vector_index(conn, table=table)
+        seconds = ensure_vector_index(conn, table=table, log=context.log.info)
     if seconds is None:
         return totals
     context.log.info(f"built the HNSW index on {table.name} in {seconds:.1f} s")

@@ -62,7 +62,7 @@ def sink_checks(conn: psycopg.Connection, job: JobRow) -> dg.AssetCheckResult:
 def vector_checks(conn: psycopg.Connection, job: JobRow) -> list[dg.AssetCheckResult]:
     dimensions = int((job.params or {}).get("dimensions", 1024))
     total, off_norm, wrong_dims = conn.execute(
-        "SELECT count(*), count(*) FILTER (WHERE abs(vector_norm(e.embedding) - 1) > 1e-3),"
+        "SELECT count(*), count(*) FILTER (WHERE abs(vector_norm(e.embedding::vector) - 1) > 1e-3),"
         "       count(*) FILTER (WHERE vector_dims(e.embedding) <> %s)"
         " FROM batch_items i JOIN embedding_sink e"
         "   ON e.case_id = split_part(i.subject_key, ':', 1)::uuid"

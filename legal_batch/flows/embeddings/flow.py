@@ -11,6 +11,7 @@ Cases come from the source the settings name (`core.user_tables.CaseSource`: the
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 import time
@@ -24,7 +25,7 @@ import psycopg
 from legal_batch.core import ledger, vector_cache
 from legal_batch.core.chunking import Chunk, chunk_text
 from legal_batch.core.flow import Item
-from legal_batch.core.user_tables import CaseSource, VectorTable, text_sha256
+from legal_batch.core.user_tables import CaseSource, VectorTable, stored_type, text_sha256
 from legal_batch.core.vector_cache import CacheKey, Savings
 from legal_batch.flows.embeddings.replicas import PRIMARY, Replication, check_sinks, further_sinks, replicate
 from legal_batch.providers.base import EmbeddingRequest, Endpoint, Request, Result
@@ -559,9 +560,12 @@ class EmbeddingSink:
         self._queue: queue.Queue[tuple[np.ndarray, list[str], list[int]] | None] = queue.Queue(maxsize=_QUEUED)
         self._spare: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         self._error: BaseException | None = None
+        self.half = stored_type(conn, table) == "halfvec"
+        """The table stores `halfvec`: vectors are sent as float16 (`binary_copy_data(half=True)`)."""
+        storage = "halfvec" if self.half else "vector"
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS stage_embeddings (case_id uuid, chunk_index int, text_sha256 text,"
-            f" embedding vector({dimensions})) ON COMMIT DROP"
+            f" embedding {storage}({dimensions})) ON COMMIT DROP"
         )
         self._created_at = bool(conn.execute(
             "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'created_at'"
@@ -611,7 +615,7 @@ class EmbeddingSink:
                     hashes = self._text_hashes(cur, case_ids, chunk_indexes)
                     if self._any_exists(cur, case_ids, chunk_indexes):
                         self._copy(cur, "stage_embeddings", block, case_ids, chunk_indexes, model=None,
-                                   hashes=hashes)
+                                   hashes=hashes, half=self.half)
                         table, clause = self.table, ", created_at = now()" if self._created_at else ""
                         cur.execute(
                             f"INSERT INTO {table} (case_id, chunk_index, model, embedding, text_sha256)"
@@ -624,7 +628,7 @@ class EmbeddingSink:
                         cur.execute("TRUNCATE stage_embeddings")
                     else:
                         self.rows += self._copy(cur, self.table, block, case_ids, chunk_indexes,
-                                                model=self.model, hashes=hashes)
+                                                model=self.model, hashes=hashes, half=self.half)
                     if self.cache is not None and hashes is not None:
                         vector_cache.fill(self.conn, self.cache, table=self.table, case_ids=case_ids,
                                           chunk_indexes=chunk_indexes)
@@ -656,12 +660,12 @@ class EmbeddingSink:
 
     @staticmethod
     def _copy(cur: psycopg.Cursor, table: str, block: np.ndarray, case_ids: list[str], chunk_indexes: list[int],
-              *, model: str | None, hashes: list[str] | None = None) -> int:
+              *, model: str | None, hashes: list[str] | None = None, half: bool = False) -> int:
         columns = "case_id, chunk_index" + ("" if model is None else ", model") + \
             ("" if hashes is None else ", text_sha256") + ", embedding"
         with cur.copy(f"COPY {table} ({columns}) FROM STDIN WITH (FORMAT BINARY)") as copy:
             copy.write(binary_copy_data(case_ids, chunk_indexes, block[: len(case_ids)], model=model,
-                                        hashes=hashes))
+                                        hashes=hashes, half=half))
         return cur.rowcount
 
     def finish(self) -> int:
@@ -688,14 +692,15 @@ _COPY_TRAILER = b"\xff\xff"
 
 
 def binary_copy_data(case_ids: list[str], chunk_indexes: list[int], vectors: np.ndarray, *,
-                     model: str | None = None, hashes: list[str] | None = None) -> memoryview:
+                     model: str | None = None, hashes: list[str] | None = None, half: bool = False) -> memoryview:
     """A whole `COPY ... (case_id, chunk_index[, model][, text_sha256], embedding) FROM STDIN WITH
     (FORMAT BINARY)` stream (header, tuples, trailer) built with numpy in one buffer: no Python work
     per row.
 
     `case_ids` are canonical uuid strings, `hashes` (optional) 64-character hex digests, `vectors` a
-    (rows, dims) array (cast to float32, as pgvector stores them). The `vector` wire format is dims
-    (uint16), 0 (uint16), then the floats, all big-endian."""
+    (rows, dims) array (cast to float32, as pgvector stores them; with `half`, to float16, rounded to
+    nearest as pgvector's own `::halfvec` cast does, for a `halfvec` column). The `vector` wire format is
+    dims (uint16), 0 (uint16), then the float32s, all big-endian; `halfvec`'s the same with float16s."""
     rows, dims = vectors.shape
     if len(case_ids) != rows or len(chunk_indexes) != rows:
         raise ValueError(f"{len(case_ids)} case ids and {len(chunk_indexes)} chunk indexes for {rows} vectors")
@@ -711,7 +716,8 @@ def binary_copy_data(case_ids: list[str], chunk_indexes: list[int], vectors: np.
         if len(hashes) != rows:
             raise ValueError(f"{len(hashes)} text hashes for {rows} vectors")
         fields += [("sha_len", ">i4"), ("sha", "S64")]
-    fields += [("vector_len", ">i4"), ("dims", ">u2"), ("unused", ">u2"), ("vector", ">f4", (dims,))]
+    component = 2 if half else 4
+    fields += [("vector_len", ">i4"), ("dims", ">u2"), ("unused", ">u2"), ("vector", f">f{component}", (dims,))]
     row = np.dtype(fields)
     stream = np.empty(len(_COPY_SIGNATURE) + rows * row.itemsize + len(_COPY_TRAILER), dtype=np.uint8)
     stream[: len(_COPY_SIGNATURE)] = np.frombuffer(_COPY_SIGNATURE, dtype=np.uint8)
@@ -729,7 +735,7 @@ def binary_copy_data(case_ids: list[str], chunk_indexes: list[int], vectors: np.
     if hashes is not None:
         tuples["sha_len"] = 64
         tuples["sha"] = np.array(hashes, dtype="S64")
-    tuples["vector_len"] = 4 + 4 * dims
+    tuples["vector_len"] = 4 + component * dims
     tuples["dims"] = dims
     tuples["unused"] = 0
     tuples["vector"] = vectors
@@ -776,35 +782,109 @@ def stale_result_sql(source: CaseSource | None = None) -> str:
 
 
 HNSW_INDEX = "case_embeddings_hnsw"
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 64
 HNSW_INDEX_SQL = (
     f"CREATE INDEX IF NOT EXISTS {HNSW_INDEX} ON case_embeddings"
-    " USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
+    f" USING hnsw (embedding vector_cosine_ops) WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})"
 )
 HNSW_MAX_DIMENSIONS = 2_000
 """pgvector indexes `vector` columns of at most 2,000 dimensions; larger ones (text-embedding-3-large's
 3,072) are indexed as `halfvec` (up to 4,000), and searched with the same cast."""
+HNSW_BUILD_MEMORY_FLOOR_MB = 64
+HNSW_BUILD_MEMORY_SHARE = 0.25
+"""The build's `maintenance_work_mem` is never above this share of the machine's physical memory."""
+_HNSW_NEIGHBOR_BYTES = 16  # a neighbour in the build's graph: relative pointer (8) + distance (4), aligned
+_HNSW_ELEMENT_BYTES = 160  # an element's header, heap TIDs, level and neighbour-list headers, lock, value header
 
 
 def hnsw_index_sql(table: VectorTable) -> str:
-    """The HNSW cosine index of a vector table of ours (`halfvec` above 2,000 dimensions)."""
-    if table.table is None and table.dimensions <= HNSW_MAX_DIMENSIONS:
+    """The HNSW cosine index of a vector table of ours: on `embedding` with `vector_cosine_ops`, or
+    `halfvec_cosine_ops` for a `halfvec` column; a `vector` column above 2,000 dimensions is indexed
+    as `embedding::halfvec(N)`."""
+    if table.table is None and table.storage == "vector" and table.dimensions <= HNSW_MAX_DIMENSIONS:
         return HNSW_INDEX_SQL
-    column, ops = ("embedding", "vector_cosine_ops") if table.dimensions <= HNSW_MAX_DIMENSIONS else (
-        f"(embedding::halfvec({table.dimensions}))", "halfvec_cosine_ops")
+    if table.storage == "halfvec":
+        column, ops = "embedding", "halfvec_cosine_ops"
+    elif table.dimensions <= HNSW_MAX_DIMENSIONS:
+        column, ops = "embedding", "vector_cosine_ops"
+    else:
+        column, ops = f"(embedding::halfvec({table.dimensions}))", "halfvec_cosine_ops"
     return (f"CREATE INDEX IF NOT EXISTS {table.index_name} ON {table.relation}"
-            f" USING hnsw ({column} {ops}) WITH (m = 16, ef_construction = 64)")
+            f" USING hnsw ({column} {ops}) WITH (m = {HNSW_M}, ef_construction = {HNSW_EF_CONSTRUCTION})")
 
 
-def ensure_vector_index(conn: psycopg.Connection, *, maintenance_work_mem: str = "1GB",
-                        table: VectorTable | None = None) -> float | None:
+def hnsw_graph_bytes(rows: int, *, dimensions: int, bytes_per_component: int, m: int = HNSW_M) -> int:
+    """What pgvector's in-memory HNSW build needs to hold the whole graph of `rows` vectors: each
+    element's value (`dimensions` × `bytes_per_component` + 8 bytes of header), its layer-0 neighbour list
+    (2 × `m` neighbours; upper layers add ~1/(m-1) of that) and its fixed overhead. When the graph
+    outgrows `maintenance_work_mem` pgvector goes on on disk, many times slower (its README: "a notice
+    is shown when the graph no longer fits into maintenance_work_mem")."""
+    neighbors = 2 * m + m // max(m - 1, 1)
+    return rows * (dimensions * bytes_per_component + 8 + neighbors * _HNSW_NEIGHBOR_BYTES + _HNSW_ELEMENT_BYTES)
+
+
+def hnsw_build_memory_mb(graph_bytes: int, *, physical_bytes: int, share: float = HNSW_BUILD_MEMORY_SHARE,
+                         floor_mb: int = HNSW_BUILD_MEMORY_FLOOR_MB) -> int:
+    """`maintenance_work_mem` (MB) for an HNSW build: the graph with a quarter more for headroom,
+    at least `floor_mb` (Postgres's default), never above `share` of `physical_bytes` (nor below the
+    floor, on a machine with less memory than that)."""
+    wanted = math.ceil(graph_bytes * 1.25 / (1 << 20))
+    cap = int(physical_bytes * share) >> 20
+    return max(floor_mb, min(wanted, cap))
+
+
+def physical_memory_bytes() -> int:
+    """This machine's physical memory (the embedded server's; a server elsewhere may have more)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+@dataclass(frozen=True)
+class IndexBuildPlan:
+    """The session settings of one HNSW build, and what they were sized from."""
+
+    rows: int
+    graph_mb: int
+    maintenance_work_mem_mb: int
+    parallel_workers: int
+    """`max_parallel_maintenance_workers` for the build: cores − 1 (the leader works too), bounded
+    by the server's `max_parallel_workers` and `max_worker_processes`."""
+
+    def describe(self) -> str:
+        return (f"maintenance_work_mem={self.maintenance_work_mem_mb}MB (graph of {self.rows:,} vectors ≈ "
+                f"{self.graph_mb:,} MB), max_parallel_maintenance_workers={self.parallel_workers}")
+
+
+def plan_index_build(conn: psycopg.Connection, table: VectorTable, *, physical_bytes: int | None = None,
+                     cores: int | None = None) -> IndexBuildPlan:
+    """Size the HNSW build for the table's rows and this machine: see `hnsw_graph_bytes` and `hnsw_build_memory_mb`. A `maintenance_work_mem` the server
+    already has above that is kept."""
+    relation = table.relation
+    rows = conn.execute(f"SELECT count(*) FROM {relation}").fetchone()[0]  # vectors are out of line: cheap
+    graph = hnsw_graph_bytes(rows, dimensions=table.dimensions, bytes_per_component=(
+        2 if table.storage == "halfvec" or table.dimensions > HNSW_MAX_DIMENSIONS else 4))
+    memory = hnsw_build_memory_mb(graph, physical_bytes=physical_bytes or physical_memory_bytes())
+    current, processes, parallel = conn.execute(
+        "SELECT pg_size_bytes(current_setting('maintenance_work_mem')) >> 20,"
+        " current_setting('max_worker_processes')::int, current_setting('max_parallel_workers')::int").fetchone()
+    workers = max(0, min((cores or os.cpu_count() or 1) - 1, processes, parallel))
+    return IndexBuildPlan(rows, math.ceil(graph / (1 << 20)), max(memory, int(current)), workers)
+
+
+def ensure_vector_index(conn: psycopg.Connection, *, table: VectorTable | None = None,
+                        log: Callable[[str], None] | None = None) -> float | None:
     """Build the HNSW cosine index once no embedding shard is in flight; seconds taken, or None when
     the table has one already, is not ours to index (a table of yours that existed), or loads are
     still running.
 
     Inserting into an existing HNSW index costs a graph search per row (measured here: ~80 vectors/s
-    against ~7,000/s without it), so bulk loads go in first and the index is built once, with a large
-    `maintenance_work_mem` (114 s instead of 456 s for 50K vectors). Later small increments are
-    maintained by the index as usual."""
+    against ~7,000/s without it), so bulk loads go in first and the index is built once, with
+    `maintenance_work_mem` sized to hold the whole graph (`plan_index_build`; a graph that does not
+    fit is built on disk, 4× slower already at 50K vectors) and parallel workers on the other cores.
+    `log` gets the settings chosen. Later small increments are maintained by the index as usual."""
     table = table or VectorTable()
     exists = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid JOIN pg_am a"
@@ -820,6 +900,10 @@ def ensure_vector_index(conn: psycopg.Connection, *, maintenance_work_mem: str =
     started = time.monotonic()
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('legal_batch:hnsw'))")
-        conn.execute(f"SET LOCAL maintenance_work_mem = '{maintenance_work_mem}'")
+        plan = plan_index_build(conn, table)
+        if log is not None:
+            log(f"building the HNSW index on {table.name}: {plan.describe()}")
+        conn.execute(f"SET LOCAL maintenance_work_mem = '{int(plan.maintenance_work_mem_mb)}MB'")
+        conn.execute(f"SET LOCAL max_parallel_maintenance_workers = {int(plan.parallel_workers)}")
         conn.execute(hnsw_index_sql(table))
     return time.monotonic() - started

@@ -7,8 +7,18 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
-from legal_batch.core.user_tables import CaseSource
+from legal_batch.core.user_tables import CaseSource, stored_type
 from legal_batch.flows.embeddings.flow import HNSW_MAX_DIMENSIONS
+
+
+def cosine_distance_sql(dimensions: int, *, storage: str, column: str = "e.embedding", query: str = "%(q)s") -> str:
+    """`column <=> query` as the HNSW index of a table of that storage is built (see `hnsw_index_sql`),
+    so that the index serves the ORDER BY."""
+    if storage == "halfvec":
+        return f"{column} <=> {query}::halfvec({dimensions})"
+    if dimensions <= HNSW_MAX_DIMENSIONS:
+        return f"{column} <=> {query}"
+    return f"{column}::halfvec({dimensions}) <=> {query}::halfvec({dimensions})"
 
 
 @dataclass(frozen=True)
@@ -25,12 +35,12 @@ class Hit:
 def search(conn: psycopg.Connection, query_vector: np.ndarray, *, model: str, k: int = 5,
            source: CaseSource | None = None) -> list[Hit]:
     """The `k` chunks nearest to the query vector, with their case name, citation and text: vectors of
-    the table in use (`embedding_sink`), cases of `source` (the built-in court_cases). Above 2,000
-    dimensions the distance is taken on `halfvec`, as the index is built."""
+    the table in use (`embedding_sink`), cases of `source` (the built-in court_cases). The distance is
+    taken as the index is built: on `halfvec` for a `halfvec` table (the query rounded likewise) and
+    above 2,000 dimensions."""
     source = source or CaseSource()
     dims = int(query_vector.shape[0])
-    distance = "e.embedding <=> %(q)s" if dims <= HNSW_MAX_DIMENSIONS else (
-        f"e.embedding::halfvec({dims}) <=> %(q)s::halfvec({dims})")
+    distance = cosine_distance_sql(dims, storage=stored_type(conn, "embedding_sink") or "vector")
     cases = source.select("id", "case_name", "neutral_citation", "court")
     conn.execute("SET hnsw.ef_search = 100")
     rows = conn.execute(

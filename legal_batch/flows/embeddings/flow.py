@@ -22,7 +22,7 @@ import numpy as np
 import psycopg
 
 from legal_batch.core import ledger, vector_cache
-from legal_batch.core.chunk_pool import ChunkPool, Pending, WorkerDied
+from legal_batch.core.chunk_pool import SUB_BATCH, ChunkPool, Pending, WorkerDied
 from legal_batch.core.chunking import Chunk
 from legal_batch.core.crash import crash_point
 from legal_batch.core.flow import Item
@@ -133,7 +133,7 @@ def sync_chunks(conn: psycopg.Connection, *, max_tokens: int, overlap_tokens: in
     if on_total is not None:
         on_total(total)
     spec = _ChunkSpec(source, max_tokens, overlap_tokens)
-    with ChunkPool(workers) as pool:
+    with ChunkPool(workers if total > SUB_BATCH else 1) as pool:  # a few cases: not worth starting processes
         batches = _work_batches(conn, batch_cases)
         sent: deque[_SentBatch] = deque()
         if (ids := next(batches, None)) is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from decimal import Decimal
 from functools import lru_cache
@@ -103,6 +104,9 @@ class Settings(BaseSettings):
     weaviate_collection: str | None = Field(default=None, description="Unset → LegalBatch_<model>_<dimensions>.")
     chunk_max_tokens: int = 512
     chunk_overlap_tokens: int = 64
+    chunk_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256,
+                               description="Processes that chunk judgments (the tokenizer's work); 1 → in the "
+                               "main process, no pool. Unset → one per CPU.")
     shard_max_records: int | None = Field(default=None, description="Cap below the provider's own per-job limit.")
     max_attempts: int = 3
     ingest_max_attempts: int = Field(default=3, ge=1, description="Ingest runs the job-status sensor launches "

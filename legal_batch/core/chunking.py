@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from legal_batch.core.markup import plain_text
 from legal_batch.core.segmentation import (
@@ -47,8 +48,9 @@ class Chunk:
     char_end: int
     token_count: int
 
-    @property
+    @cached_property
     def sha256(self) -> str:
+        """Of `text` (UTF-8), hex; computed once and pickled with the chunk (a worker process hashes)."""
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
 

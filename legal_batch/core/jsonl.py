@@ -1,14 +1,19 @@
-"""Streaming JSONL: read line by line with line numbers, write atomically."""
+"""Streaming JSONL: read line by line with line numbers, write atomically (a full disk is one line
+that says where and what to do, with no partial file left behind)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 import orjson
+
+from legal_batch.core.errors import UserError
 
 _BOM = b"\xef\xbb\xbf"
 _READ_BUFFER = 1 << 20
@@ -74,11 +79,44 @@ def dumps_line(obj: object) -> bytes:
 
 @contextmanager
 def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """Write to `path.tmp`, then rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write to `path.tmp`, then rename: readers never see a half-written file. If anything fails the
+    `.tmp` file is removed; a full disk (or quota) raises `DiskFull`."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (full := disk_full(path, exc)) is not None:
+            raise full from exc
+        raise
+
+
+class DiskFull(UserError):
+    """A file could not be written because its disk (or the user's quota on it) is full."""
+
+
+_DISK_FULL = {errno.ENOSPC: "no space left on its disk", errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def disk_full(path: Path, exc: OSError) -> DiskFull | None:
+    """The error to raise when writing `path` failed with `exc`: for a full disk or quota, one line
+    naming the file, the space left and what to do; None for any other failure. The caller has
+    removed the partial file."""
+    what = _DISK_FULL.get(exc.errno or 0)
+    if what is None:
+        return None
+    where = path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"{shutil.disk_usage(where).free / 1e6:,.1f} MB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFull(f"cannot write {path}: {what} ({free} under {where}); the partial file was removed and nothing "
+                    "was recorded for it. Free space there, or point LEGAL_BATCH_HOME (request and output files live "
+                    "in its files/ folder) at a bigger disk, then run again: the shard resumes where it stopped")

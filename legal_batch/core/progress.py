@@ -100,25 +100,69 @@ def flow_progress(conn: psycopg.Connection, flow: str) -> FlowProgress:
 
 
 class Heartbeat:
-    """Counts work done in a long step and logs it at most (and, while work comes in, at least)
-    every `every_s` seconds: `beat(n)` after each piece of `n` units."""
+    """Counts work done in a long step and logs it with its rate (and, once `expect` knows the total,
+    an ETA) at most every `every_s` seconds: `beat(n)` after each piece of `n` units. Inside
+    `ticking()` it also logs on time while no piece finishes (a slow batch), so a line comes at least
+    every `every_s` seconds."""
 
-    def __init__(self, log: Log, what: str, *, every_s: float = 10.0,
+    def __init__(self, log: Log, what: str, *, every_s: float = 10.0, total: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.log = log
         self.what = what
         self.every_s = every_s
         self.clock = clock
+        self.total = total
         self.started = self.last = clock()
         self.done = 0
+        self._lock = threading.Lock()
+
+    def expect(self, total: int) -> None:
+        """The units the step will do in all (for the ETA)."""
+        self.total = total
 
     def beat(self, n: int = 1) -> None:
-        self.done += n
-        now = self.clock()
-        if now - self.last >= self.every_s:
-            self.last = now
-            elapsed = now - self.started
-            self.log(f"{self.what}: {self.done:,} so far in {elapsed:.0f} s ({self.done / elapsed:,.0f}/s)")
+        with self._lock:
+            self.done += n
+            now = self.clock()
+            if now - self.last >= self.every_s:
+                self.last = now
+                self.log(self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((self.clock() if now is None else now) - self.started, 1e-9)
+        rate = self.done / elapsed
+        if self.total is None:
+            return f"{self.what}: {self.done:,} so far in {elapsed:.0f} s ({rate:,.0f}/s)"
+        left = max(self.total - self.done, 0)
+        eta = f"ETA {_duration(left / rate)}" if rate > 0 else "ETA unknown yet"
+        return (f"{self.what}: {self.done:,} of {self.total:,} in {elapsed:.0f} s ({rate:,.1f}/s), "
+                f"{left:,} left, {eta}")
+
+    @contextmanager
+    def ticking(self) -> Iterator[Heartbeat]:
+        """While the body runs, a thread checks every second whether a line is due."""
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(min(1.0, self.every_s / 4)):
+                self.beat(0)
+
+        ticker = threading.Thread(target=tick, name=f"heartbeat-{self.what}", daemon=True)
+        ticker.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            ticker.join(timeout=5)
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 @contextmanager

@@ -63,7 +63,7 @@ from botocore.exceptions import (
 )
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from legal_batch.core.jsonl import dumps_line, iter_objects
+from legal_batch.core.jsonl import disk_full, dumps_line, iter_objects
 from legal_batch.providers.base import (
     QUOTA_KINDS,
     ChatRequest,
@@ -455,8 +455,14 @@ class BedrockProvider:
                         continue
                     target.parent.mkdir(parents=True, exist_ok=True)
                     partial = target.with_name(target.name + ".part")
-                    self.s3.download_file(self.bucket, obj["Key"], str(partial), Config=self.transfer)
-                    os.replace(partial, target)
+                    try:
+                        self.s3.download_file(self.bucket, obj["Key"], str(partial), Config=self.transfer)
+                        os.replace(partial, target)
+                    except BaseException as exc:
+                        partial.unlink(missing_ok=True)
+                        if isinstance(exc, OSError) and (full := disk_full(target, exc)) is not None:
+                            raise full from exc
+                        raise
                     files.append(target)
         except (ClientError, BotoCoreError) as exc:
             raise _error(exc, f"downloading the output of Bedrock job {provider_job_id} from "

@@ -125,14 +125,15 @@ def test_unusable_cases_and_oversize_chunks_fail_with_a_reason_and_the_rest_is_e
 
 
 def test_nul_characters_in_text_are_refused_before_any_request(lb_env, conn):
-    from legal_batch.flows.embeddings.flow import _unusable, sync_chunks
+    from legal_batch.flows.embeddings.chunk_work import unusable
+    from legal_batch.flows.embeddings.flow import sync_chunks
 
     # Postgres text cannot store NUL (psycopg refuses it), so the check guards text from other loaders
     with pytest.raises(psycopg.DataError):
         conn.execute("INSERT INTO court_cases (id, full_text) VALUES (%s, %s)", (uuid.uuid4(), "a\x00b"))
     conn.execute("INSERT INTO court_cases (id, full_text) VALUES (%s, %s)", (uuid.uuid4(), "1. fine text"))
 
-    assert "NUL character at offset 3" in _unusable("1. \x00 bad")
+    assert "NUL character at offset 3" in unusable("1. \x00 bad")
     synced = sync_chunks(conn, max_tokens=512, overlap_tokens=64)
     assert synced.cases == 1 and synced.chunks == 1
 

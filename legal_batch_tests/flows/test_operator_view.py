@@ -5,6 +5,8 @@ launched; and progress lines at least every 10 s on long steps."""
 
 from __future__ import annotations
 
+import time
+
 import dagster as dg
 import pytest
 
@@ -159,6 +161,27 @@ def test_heartbeat_logs_a_long_step_every_ten_seconds():
     assert len(lines) == 12
     assert lines[0] == "chunking cases: 1,000 so far in 10 s (100/s)"
     assert lines[-1].startswith("chunking cases: 12,000 so far in 120 s")
+
+
+def test_heartbeat_gives_an_eta_once_it_knows_the_total():
+    now = [0.0]
+    lines: list[str] = []
+    beat = Heartbeat(lines.append, "chunking cases", clock=lambda: now[0])
+    beat.expect(12_000)
+    for _ in range(10):
+        now[0] += 2
+        beat.beat(200)
+    assert lines == ["chunking cases: 1,000 of 12,000 in 10 s (100.0/s), 11,000 left, ETA 1 min 50 s",
+                     "chunking cases: 2,000 of 12,000 in 20 s (100.0/s), 10,000 left, ETA 1 min 40 s"]
+
+
+def test_heartbeat_logs_on_time_while_a_slow_batch_runs():
+    lines: list[str] = []
+    beat = Heartbeat(lines.append, "chunking cases", every_s=0.2, total=400)
+    with beat.ticking():
+        time.sleep(1.1)  # no batch finishes
+    assert len(lines) >= 3
+    assert lines[0].startswith("chunking cases: 0 of 400 in 0 s (0.0/s), 400 left, ETA unknown yet")
 
 
 def test_an_index_build_reports_its_progress_while_it_runs(lb_env, conn):

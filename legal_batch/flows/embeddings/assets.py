@@ -74,10 +74,12 @@ def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
 
 def chunk_new_cases(context: dg.AssetExecutionContext, conn: psycopg.Connection, config: CandidatesConfig) -> dict:
     settings = get_settings()
-    heartbeat = Heartbeat(context.log.info, "chunking cases")
+    heartbeat = Heartbeat(context.log.info, f"chunking cases ({settings.chunk_workers} workers)")
     flow = make_flow(make_provider(config.provider or settings.embeddings_provider, settings), config)
-    prepared = prepare_chunks(conn, flow, max_tokens=settings.chunk_max_tokens,
-                              overlap_tokens=settings.chunk_overlap_tokens, on_progress=heartbeat.beat)
+    with heartbeat.ticking():
+        prepared = prepare_chunks(conn, flow, max_tokens=settings.chunk_max_tokens,
+                                  overlap_tokens=settings.chunk_overlap_tokens, workers=settings.chunk_workers,
+                                  on_progress=heartbeat.beat, on_total=heartbeat.expect)
     context.log.info(prepared["chunking"])
     return prepared
 

@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -23,10 +24,19 @@ import numpy as np
 import psycopg
 
 from legal_batch.core import ledger, vector_cache
-from legal_batch.core.chunking import Chunk, chunk_text
+from legal_batch.core.chunk_pool import SUB_BATCH, ChunkPool, Pending, WorkerDied
+from legal_batch.core.chunking import Chunk
+from legal_batch.core.crash import crash_point
 from legal_batch.core.flow import Item
-from legal_batch.core.user_tables import CaseSource, VectorTable, stored_type, text_sha256
+from legal_batch.core.user_tables import CaseSource, VectorTable, stored_type
 from legal_batch.core.vector_cache import CacheKey, Savings
+from legal_batch.flows.embeddings.chunk_work import (
+    HEADNOTE_CHUNK,
+    CaseText,
+    PreparedCase,
+    numbered,
+    prepare_case,
+)
 from legal_batch.flows.embeddings.replicas import PRIMARY, Replication, check_sinks, further_sinks, replicate
 from legal_batch.providers.base import EmbeddingRequest, Endpoint, Request, Result
 
@@ -35,11 +45,11 @@ if TYPE_CHECKING:
     from legal_batch.settings import Settings
 
 FLOW = "embeddings"
-HEADNOTE_CHUNK = "headnote"
-"""`chunk_type` of the chunks made from a case's headnote (after the judgment's own chunks)."""
 _CHUNK_LOCK = 0x4C42_0C4B  # advisory lock key: "chunking court_cases for embeddings"
 _COPY_BATCH = 2_000
 _QUEUED = 2
+POOL_ATTEMPTS = 3
+"""Times a batch of cases is sent to the chunking pool before a worker dying on it is an error."""
 
 
 @dataclass
@@ -62,15 +72,16 @@ class ChunkSync:
     """Changed or removed cases left for a later pass because some of their chunks are in flight."""
     served: Savings = field(default_factory=Savings)
     """Chunks of changed cases that took their vector from the vector cache."""
+    worker_restarts: int = 0
+    """Times the chunking pool was started again after a worker process died (its batch was redone)."""
+
+
+class ChunkingFailed(RuntimeError):
+    """Chunking workers kept dying on one batch of cases; the message names them."""
 
 
 def case_subject(case_id: str) -> str:
     return f"case:{case_id}"
-
-
-def headnote_sha256(headnote: str | None) -> str | None:
-    """The hash recorded for a case's headnote: None when it has none (or only blanks)."""
-    return text_sha256(headnote) if headnote is not None and headnote.strip() else None
 
 
 def _headnote_sha256_sql(alias: str = "k") -> str:
@@ -80,8 +91,8 @@ def _headnote_sha256_sql(alias: str = "k") -> str:
 
 def sync_chunks(conn: psycopg.Connection, *, max_tokens: int, overlap_tokens: int, limit_cases: int | None = None,
                 batch_cases: int = 200, on_progress: Callable[[int], None] | None = None,
-                source: CaseSource | None = None, table: VectorTable | None = None,
-                cache: CacheKey | None = None) -> ChunkSync:
+                on_total: Callable[[int], None] | None = None, source: CaseSource | None = None,
+                table: VectorTable | None = None, cache: CacheKey | None = None, workers: int = 1) -> ChunkSync:
     """Bring `case_chunks` in line with the source, committing per batch of cases.
 
     - A new case is chunked; its judgment's chunks are followed by its headnote's (`chunk_type`
@@ -98,9 +109,17 @@ def sync_chunks(conn: psycopg.Connection, *, max_tokens: int, overlap_tokens: in
     - A case whose text is empty or contains NUL characters gets a failed ledger item with the reason;
       it is tried again when its text changes.
 
-    Hashing every judgment (in the database) is what a pass costs when nothing changed. Concurrent
-    chunkers take turns per batch under an advisory lock (and the planning lock), so a case is
-    chunked once and never while a shard is being cut."""
+    The tokenizer's work (and hashing) runs in `workers` processes (`core.chunk_pool`; 1: in this
+    process): while they chunk the next batch, this process writes the last one — at most two
+    batches in flight. All reads and writes stay here, and a case's chunks are written in one
+    transaction: a worker that dies loses nothing (the pool is started again and the batch sent
+    again, `POOL_ATTEMPTS` times at most, then `ChunkingFailed`), and a process killed mid-way
+    leaves whole batches, which the next pass does not chunk again.
+
+    `on_total` is told how many cases this pass will look at, `on_progress` how many each batch
+    committed. Hashing every judgment (in the database) is what a pass costs when nothing changed.
+    Concurrent chunkers take turns per batch under an advisory lock (and the planning lock), so a
+    case is chunked once and never while a shard is being cut."""
     source = source or CaseSource()
     table = table or VectorTable()
     result = ChunkSync()
@@ -112,34 +131,115 @@ def sync_chunks(conn: psycopg.Connection, *, max_tokens: int, overlap_tokens: in
                                        _headnote_sha256_sql("k"))
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS chunk_work (case_id uuid PRIMARY KEY)")
     conn.execute("TRUNCATE chunk_work")
-    conn.execute(
+    total = conn.execute(
         f"INSERT INTO chunk_work (case_id) SELECT k.id FROM {cases} AS k LEFT JOIN chunked_cases s ON s.case_id = k.id"
         f" WHERE (s.case_id IS NULL OR s.text_sha256 <> {text_hash}"
         f"        OR s.headnote_sha256 IS DISTINCT FROM {headnote_hash}){clause}",
         {"limit": limit_cases},
-    )
-    while True:
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHUNK_LOCK,))
-            ledger.lock_planning(conn, FLOW)
-            ids = [row[0] for row in conn.execute(
-                "DELETE FROM chunk_work WHERE case_id IN (SELECT case_id FROM chunk_work ORDER BY case_id LIMIT %s)"
-                " RETURNING case_id::text", (batch_cases,))]
-            if not ids:
-                break
-            done = _chunk_batch(conn, ids, source=source, table=table, cache=cache, max_tokens=max_tokens,
-                                overlap_tokens=overlap_tokens, result=result)
-        if on_progress is not None and done:
-            on_progress(done)
+    ).rowcount
+    if on_total is not None:
+        on_total(total)
+    spec = _ChunkSpec(source, max_tokens, overlap_tokens)
+    with ChunkPool(workers if total > SUB_BATCH else 1) as pool:  # a few cases: not worth starting processes
+        batches = _work_batches(conn, batch_cases)
+        sent: deque[_SentBatch] = deque()
+        if (ids := next(batches, None)) is not None:
+            sent.append(_SentBatch(ids, spec.read(conn, ids)))
+            sent[-1].send(pool)
+        committed = 0
+        while sent:
+            batch = sent[0]
+            try:
+                prepared = {case.case_id: case for case in batch.pending.result()}
+            except WorkerDied as exc:
+                batch.attempts += 1
+                if batch.attempts >= POOL_ATTEMPTS:
+                    raise ChunkingFailed(
+                        f"chunking workers died {batch.attempts} times on the batch of cases {', '.join(batch.ids)} "
+                        f"({exc}); nothing of this batch was written. Look for a case whose text makes a worker run "
+                        "out of memory (dmesg), or set LEGAL_BATCH_CHUNK_WORKERS=1 to chunk in one process") from exc
+                pool.restart()
+                result.worker_restarts += 1
+                for waiting in sent:
+                    waiting.send(pool)
+                continue
+            sent.popleft()
+            if (ids := next(batches, None)) is not None:
+                sent.append(_SentBatch(ids, spec.read(conn, ids)))
+                sent[-1].send(pool)
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHUNK_LOCK,))
+                ledger.lock_planning(conn, FLOW)
+                done = _chunk_batch(conn, batch.ids, prepared, spec=spec, table=table, cache=cache, result=result)
+                if committed:
+                    crash_point("mid_chunking")
+            committed += 1
+            if on_progress is not None and done:
+                on_progress(done)
     return result
 
 
+def _work_batches(conn: psycopg.Connection, size: int) -> Iterator[list[str]]:
+    """The case ids of `chunk_work`, in order, `size` at a time."""
+    after: str | None = None
+    while True:
+        ids = [row[0] for row in conn.execute(
+            "SELECT case_id::text FROM chunk_work WHERE %(after)s::uuid IS NULL OR case_id > %(after)s::uuid"
+            " ORDER BY case_id LIMIT %(size)s", {"after": after, "size": size})]
+        if not ids:
+            return
+        yield ids
+        after = ids[-1]
+
+
+@dataclass(frozen=True)
+class _ChunkSpec:
+    source: CaseSource
+    max_tokens: int
+    overlap_tokens: int
+
+    def read(self, conn: psycopg.Connection, ids: list[str]) -> list[CaseText]:
+        """The cases of `ids` to send to the chunking pool (none with a chunk in flight: they wait)."""
+        in_flight = _in_flight_cases(conn)
+        return [CaseText(case_id, text, headnote, seen, old_text, old_note, self.max_tokens, self.overlap_tokens)
+                for case_id, text, headnote, old_text, old_note, seen in self.rows(conn, ids)
+                if case_id not in in_flight]
+
+    def rows(self, conn: psycopg.Connection, ids: list[str]) -> list[tuple]:
+        cases = self.source.select("id", "full_text", "headnote")
+        return conn.execute(
+            "SELECT k.id::text, k.full_text, k.headnote, s.text_sha256, s.headnote_sha256, s.case_id IS NOT NULL"
+            f" FROM {cases} AS k LEFT JOIN chunked_cases s ON s.case_id = k.id"
+            " WHERE k.id = ANY(%s::uuid[]) ORDER BY k.id",
+            (ids,),
+        ).fetchall()
+
+
+@dataclass
+class _SentBatch:
+    ids: list[str]
+    cases: list[CaseText]
+    attempts: int = 0
+    pending: Pending[PreparedCase] = field(default_factory=Pending)
+
+    def send(self, pool: ChunkPool) -> None:
+        self.pending = pool.submit(prepare_case, self.cases)
+
+
+def _in_flight_cases(conn: psycopg.Connection) -> set[str]:
+    return {row[0] for row in conn.execute(
+        "SELECT DISTINCT split_part(subject_key, ':', 1) FROM batch_items WHERE flow = %s"
+        " AND state IN ('exported', 'submitted') AND subject_key NOT LIKE 'case:%%'", (FLOW,))}
+
+
 def prepare_chunks(conn: psycopg.Connection, flow: EmbeddingsFlow, *, max_tokens: int, overlap_tokens: int,
-                   on_progress: Callable[[int], None] | None = None) -> dict:
-    """Before planning: chunk the source (`sync_chunks`), then serve every chunk whose text is in the
-    vector cache (`EmbeddingsFlow.serve_from_cache`). Returns the figures (asset metadata): `chunking`
-    says what chunking did, `summary_note` (for the run's summary) what changed and what the cache
-    saved, if anything."""
+                   workers: int = 1, on_progress: Callable[[int], None] | None = None,
+                   on_total: Callable[[int], None] | None = None) -> dict:
+    """Before planning: chunk the source (`sync_chunks`, on `workers` processes), then serve every
+    chunk whose text is in the vector cache (`EmbeddingsFlow.serve_from_cache`) and bring further
+    sinks and a record source up to date. Returns the figures (asset metadata): `chunking` says what
+    chunking did, `summary_note` (for the run's summary) what changed and what the cache saved, if
+    anything."""
     notes = []
     if flow.further_sinks:  # a collection of another dimension: one line before any request
         for name, reason in check_sinks(flow.sinks, model=flow.model, dimensions=flow.dimensions,
@@ -152,7 +252,8 @@ def prepare_chunks(conn: psycopg.Connection, flow: EmbeddingsFlow, *, max_tokens
         pulled = pull(conn, flow.record_source, flow.settings)
         notes.append(pulled.line())
     synced = sync_chunks(conn, max_tokens=max_tokens, overlap_tokens=overlap_tokens, limit_cases=flow.limit_cases,
-                         on_progress=on_progress, source=flow.source, table=flow.table, cache=flow.cache)
+                         on_progress=on_progress, on_total=on_total, source=flow.source, table=flow.table,
+                         cache=flow.cache, workers=workers)
     served = synced.served + flow.serve_from_cache(conn)
     replicated = None
     if flow.further_sinks:
@@ -165,6 +266,8 @@ def prepare_chunks(conn: psycopg.Connection, flow: EmbeddingsFlow, *, max_tokens
     chunking = (f"chunked {synced.cases} cases ({synced.changed} changed) into {synced.chunks} new chunks; "
                 f"{synced.chunks_replaced} chunks replaced, {synced.removed_cases} removed cases cleared, "
                 f"{synced.rejected} rejected, {synced.deferred} waiting for chunks in flight; {served.line()}")
+    if synced.worker_restarts:
+        chunking += f"; a chunking worker died and its batch was redone ({synced.worker_restarts}×)"
     if synced.changed or synced.removed_cases:
         notes.append(f"{synced.changed} changed cases chunked again ({synced.chunks_replaced} chunks replaced), "
                      f"{synced.removed_cases} removed cases cleared")
@@ -173,6 +276,7 @@ def prepare_chunks(conn: psycopg.Connection, flow: EmbeddingsFlow, *, max_tokens
     return {"chunking": chunking, "summary_note": "; ".join(notes),"cases_chunked": synced.cases, "cases_changed": synced.changed, "chunks_written": synced.chunks,
             "chunks_replaced": synced.chunks_replaced, "cases_removed": synced.removed_cases,
             "cases_rejected": synced.rejected, "cases_deferred": synced.deferred,
+            "chunk_worker_restarts": synced.worker_restarts,
             "cache_requests_saved": served.requests, "cache_tokens_saved": served.tokens,
             "cache_usd_saved": float(served.usd),
             **({} if pulled is None else {"source_records_read": pulled.records, "source_records_changed": pulled.changed,
@@ -190,19 +294,22 @@ class _Old:
     sha256: str
 
 
-def _chunk_batch(conn: psycopg.Connection, ids: list[str], *, source: CaseSource, table: VectorTable,
-                 cache: CacheKey | None, max_tokens: int, overlap_tokens: int, result: ChunkSync) -> int:
-    """Chunk one batch of cases (inside the caller's transaction); returns the cases looked at."""
-    cases = source.select("id", "full_text", "headnote")
+def _chunk_batch(conn: psycopg.Connection, ids: list[str], prepared: dict[str, PreparedCase], *, spec: _ChunkSpec,
+                 table: VectorTable, cache: CacheKey | None, result: ChunkSync) -> int:
+    """Write one batch of chunked cases (inside the caller's transaction, under the chunking lock);
+    returns the cases looked at.
+
+    `prepared` is what the pool made of each case as it was when read; a case recorded differently
+    since (another chunker got there first), or not sent (it was in flight then), is read and
+    prepared again here."""
+    cases = spec.source.select("id")
     rows = conn.execute(
-        "SELECT k.id::text, k.full_text, k.headnote, s.text_sha256, s.headnote_sha256, s.case_id IS NOT NULL"
+        "SELECT k.id::text, s.text_sha256, s.headnote_sha256, s.case_id IS NOT NULL"
         f" FROM {cases} AS k LEFT JOIN chunked_cases s ON s.case_id = k.id"
         " WHERE k.id = ANY(%s::uuid[]) ORDER BY k.id",
         (ids,),
     ).fetchall()
-    in_flight_cases = {row[0] for row in conn.execute(
-        "SELECT DISTINCT split_part(subject_key, ':', 1) FROM batch_items WHERE flow = %s"
-        " AND state IN ('exported', 'submitted') AND subject_key NOT LIKE 'case:%%'", (FLOW,))}
+    in_flight_cases = _in_flight_cases(conn)
     old_chunks: dict[str, list[_Old]] = {}
     for case_id, *old in conn.execute(
             "SELECT case_id::text, chunk_index, chunk_type, char_start, char_end, text_sha256 FROM case_chunks"
@@ -216,36 +323,39 @@ def _chunk_batch(conn: psycopg.Connection, ids: list[str], *, source: CaseSource
     recorded: list[tuple[str, str, str | None, int]] = []
     stale_text: list[tuple[str, str]] = []
     changed_here = False
-    for case_id, text, headnote, old_text_sha, old_headnote_sha, seen in rows:
-        text_sha, note_sha = text_sha256(text), headnote_sha256(headnote)
-        recorded_note_sha = note_sha
-        if seen and text_sha == old_text_sha and note_sha == old_headnote_sha:
-            continue  # chunked meanwhile by another process
+    for case_id, old_text_sha, old_headnote_sha, seen in rows:
         if case_id in in_flight_cases:
             result.deferred += 1
             continue
+        case = prepared.get(case_id)
+        if case is None or case.recorded != (seen, old_text_sha, old_headnote_sha):
+            case = _prepare_here(conn, spec, case_id)
+            if case is None:
+                continue  # gone from the source meanwhile
+        if case.unchanged:
+            continue  # chunked meanwhile by another process
+        text_sha, note_sha = case.text_sha256, case.headnote_sha256
+        recorded_note_sha = note_sha
         old = old_chunks.get(case_id, [])
-        reason = _unusable(text)
+        reason = case.reason
         if reason is None and seen and text_sha == old_text_sha:  # only the headnote changed
             body = [o for o in old if o.chunk_type != HEADNOTE_CHUNK]
             pieces: list[Chunk] | None = None
         else:
             body = []
-            pieces = [] if reason else chunk_text(text, max_tokens=max_tokens, overlap_tokens=overlap_tokens)
-            if not reason and not pieces:
-                reason = "full_text has no words to embed"
+            pieces = [] if reason else list(case.body or ())
         if reason:
-            failures.append((case_subject(case_id), f"{source.name} id={case_id}: {reason}; correct the text: "
+            failures.append((case_subject(case_id), f"{spec.source.name} id={case_id}: {reason}; correct the text: "
                              "the case is chunked again when it changes"))
             pieces, note_sha = [], None
         else:
             usable.append(case_id)
         if pieces is not None and note_sha is not None:
-            pieces += _headnote_chunks(headnote, start=len(pieces), max_tokens=max_tokens)
+            pieces += numbered(case.headnote, start=len(pieces))
         elif pieces is None:
             pieces = [Chunk(o.chunk_index, o.chunk_type, "", o.char_start, o.char_end, 0) for o in body]
             if note_sha is not None:
-                pieces += _headnote_chunks(headnote, start=len(body), max_tokens=max_tokens)
+                pieces += numbered(case.headnote, start=len(body))
         new_by_index = {piece.chunk_index: piece for piece in pieces}
         body_indexes = {o.chunk_index for o in body}
         old_by_index = {o.chunk_index: o for o in old}
@@ -303,11 +413,14 @@ def _chunk_batch(conn: psycopg.Connection, ids: list[str], *, source: CaseSource
     return len(rows)
 
 
-def _headnote_chunks(headnote: str, *, start: int, max_tokens: int) -> list[Chunk]:
-    """A headnote as chunks of type `headnote`, numbered from `start` (offsets are in the headnote)."""
-    pieces = chunk_text(headnote, max_tokens=max_tokens, overlap_tokens=0) if headnote.strip() else []
-    return [Chunk(start + n, HEADNOTE_CHUNK, p.text, p.char_start, p.char_end, p.token_count)
-            for n, p in enumerate(pieces)]
+def _prepare_here(conn: psycopg.Connection, spec: _ChunkSpec, case_id: str) -> PreparedCase | None:
+    """Read one case again and chunk it in this process (None: it is gone from the source)."""
+    rows = spec.rows(conn, [case_id])
+    if not rows:
+        return None
+    _, text, headnote, old_text, old_note, seen = rows[0]
+    return prepare_case(CaseText(case_id, text, headnote, seen, old_text, old_note, spec.max_tokens,
+                                 spec.overlap_tokens))
 
 
 def _remove_chunks(conn: psycopg.Connection, keys: list[tuple[str, int]], *, table: VectorTable,
@@ -371,14 +484,6 @@ def has_unchunked_cases(conn: psycopg.Connection, source: CaseSource | None = No
         f" OR EXISTS (SELECT 1 FROM chunked_cases s WHERE NOT EXISTS (SELECT 1 FROM {cases} AS k"
         "  WHERE k.id = s.case_id))"
     ).fetchone()[0])
-
-
-def _unusable(text: str | None) -> str | None:
-    if text is None or not text.strip():
-        return "full_text is empty"
-    if "\x00" in text:
-        return f"full_text contains a NUL character at offset {text.index(chr(0))}"
-    return None
 
 
 class EmbeddingsFlow:

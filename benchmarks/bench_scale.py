@@ -134,7 +134,8 @@ def stage_chunk(params: dict) -> Figures:
     settings = get_settings()
     with _conn() as conn:
         started = time.perf_counter()
-        synced = sync_chunks(conn, max_tokens=settings.chunk_max_tokens, overlap_tokens=settings.chunk_overlap_tokens)
+        synced = sync_chunks(conn, max_tokens=settings.chunk_max_tokens, overlap_tokens=settings.chunk_overlap_tokens,
+                             workers=settings.chunk_workers)
         seconds = time.perf_counter() - started
     return {"seconds": seconds, "units": synced.cases, "chunks": synced.chunks, "peak_rss_mb": peak_rss_mb()}
 

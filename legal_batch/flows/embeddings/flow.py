@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import psycopg
+from psycopg import sql
 
 from legal_batch.core import ledger, vector_cache
 from legal_batch.core.chunk_pool import SUB_BATCH, ChunkPool, Pending, WorkerDied
@@ -176,7 +177,28 @@ def sync_chunks(conn: psycopg.Connection, *, max_tokens: int, overlap_tokens: in
             committed += 1
             if on_progress is not None and done:
                 on_progress(done)
+    if result.chunks or result.chunks_replaced:
+        refresh_statistics(conn, "case_chunks", "chunked_cases")
     return result
+
+
+def refresh_statistics(conn: psycopg.Connection, *tables: str, changed_share: float = 0.2) -> list[str]:
+    """ANALYZE those of `tables` that changed by more than `changed_share` of their rows since their
+    statistics were taken (or never had any). A bulk load outruns autovacuum: with statistics of an
+    empty table the planner joins a block of 2,000 keys by scanning the whole table, once per block.
+    Returns the tables analyzed."""
+    analyzed = []
+    for table in tables:
+        row = conn.execute(
+            "SELECT s.n_mod_since_analyze, c.reltuples FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid"
+            " WHERE s.relid = to_regclass(%s)", (table,)).fetchone()
+        if row is None:
+            continue
+        modified, tuples = row
+        if tuples < 0 or modified > max(1_000, changed_share * tuples):
+            conn.execute(sql.SQL("ANALYZE {}").format(sql.SQL(table)))
+            analyzed.append(table)
+    return analyzed
 
 
 def _work_batches(conn: psycopg.Connection, size: int) -> Iterator[list[str]]:
@@ -665,6 +687,7 @@ class EmbeddingSink:
         self._queue: queue.Queue[tuple[np.ndarray, list[str], list[int]] | None] = queue.Queue(maxsize=_QUEUED)
         self._spare: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         self._error: BaseException | None = None
+        refresh_statistics(conn, table, "case_chunks")  # the vector table grows shard by shard
         self.half = stored_type(conn, table) == "halfvec"
         """The table stores `halfvec`: vectors are sent as float16 (`binary_copy_data(half=True)`)."""
         storage = "halfvec" if self.half else "vector"

@@ -317,7 +317,7 @@ def _copy_rows(copy, keys, vectors, model: str) -> None:
 def _copy_blocks(copy, keys, vectors, model: str) -> None:
     """The whole COPY stream built with numpy (`core.embeddings.binary_copy_data`, what the sink
     uses): the cheapest client side we know."""
-    from legal_batch.flows.embeddings.flow import binary_copy_data
+    from legal_batch.core.vector_copy import binary_copy_data
 
     copy.write(binary_copy_data([str(case_id) for case_id, _ in keys], [index for _, index in keys], vectors,
                                 model=model))

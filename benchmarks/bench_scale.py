@@ -278,7 +278,8 @@ def _parsed_blocks(conn, block: int = 2_000):
 def stage_copy(params: dict) -> Figures:
     """The sink's COPY of the parsed vectors into the vector table (rolled back), then the bare limit:
     binary COPY of the same vectors into a table without key or hashes. Parsing is not timed."""
-    from legal_batch.flows.embeddings.flow import EmbeddingSink, binary_copy_data
+    from legal_batch.core.vector_copy import binary_copy_data
+    from legal_batch.flows.embeddings.flow import EmbeddingSink
 
     table, half = _table(params), params["storage"] == "halfvec"
     model = _provider().default_model("embeddings")

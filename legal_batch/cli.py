@@ -94,8 +94,9 @@ def _check_flow(flow: str) -> None:
 def _provider(flow: str, name: str | None = None):
     """The flow's provider (`name`, or the configured one); missing settings or credentials are a
     `UserError` naming the flow's provider variable."""
+    from legal_batch.flows.registry import provider_name_for
     from legal_batch.providers.base import ProviderError
-    from legal_batch.resources.providers import make_provider, provider_name_for
+    from legal_batch.resources.providers import make_provider
 
     settings = get_settings()
     name = name or provider_name_for(flow, settings)  # type: ignore[arg-type]

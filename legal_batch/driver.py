@@ -24,9 +24,9 @@ from legal_batch.core import batch, ledger, quota
 from legal_batch.core.errors import RunFailed
 from legal_batch.db.connection import DatabaseError
 from legal_batch.flows.batch_assets import FlowDefinitions, StatusCursor, job_run_tags, run_tags
+from legal_batch.flows.registry import provider_name_for
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import DatabaseResource, get_settings
-from legal_batch.resources.providers import provider_name_for
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -250,7 +250,7 @@ class FlowDriver:
                     self.echo(f"  submitted {shard}" + (f" as {job.provider_job_id}" if job.provider_job_id else
                                                         f" ({job.state})"))
 
-    def waiting(self) -> list[ledger.JobRow]:
+    def waiting(self) -> list[ledger.Shard]:
         """Shards planned and not yet accepted by the provider."""
         with self._database().connect() as conn:
             return ledger.list_jobs(conn, flow=self.flow, states=ledger.UNSUBMITTED_JOB_STATES)
@@ -408,7 +408,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _why(waiting: list[ledger.JobRow]) -> str:
+def _why(waiting: list[ledger.Shard]) -> str:
     held = [j for j in waiting if j.waiting_reason]
     if not held:
         return "to be submitted"

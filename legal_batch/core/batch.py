@@ -27,7 +27,7 @@ from legal_batch.core.cost import price
 from legal_batch.core.crash import crash_point
 from legal_batch.core.flow import Flow, Item, Permanent
 from legal_batch.core.jsonl import atomic_writer, iter_objects
-from legal_batch.core.ledger import ItemState, JobRow, JobState, PlanResult, ShardLimits
+from legal_batch.core.ledger import ItemState, JobState, PlanResult, Shard, ShardLimits
 from legal_batch.core.quota import QuotaPolicy
 from legal_batch.providers.base import (
     TERMINAL_STATES,
@@ -99,7 +99,7 @@ def split_oversized(conn: psycopg.Connection, *, flow: str, provider: BatchProvi
     return new_keys
 
 
-def _split(conn: psycopg.Connection, job: JobRow, provider: BatchProvider, max_tokens: int) -> list[str]:
+def _split(conn: psycopg.Connection, job: Shard, provider: BatchProvider, max_tokens: int) -> list[str]:
     keys = ledger.split_shard(conn, job, max_tokens=max_tokens, min_records=provider.limits.min_records_per_job)
     if job.input_location and not job.input_location.startswith(("s3://", "file-")):
         Path(job.input_location).unlink(missing_ok=True)
@@ -354,7 +354,7 @@ def iter_realtime_results(files: Iterable[Path]) -> Iterator[Result]:
                          retryable=bool(obj.get("retryable", True)), extra=obj.get("extra") or {})
 
 
-def _record_submitted(conn: psycopg.Connection, job: JobRow, submitted: SubmittedJob) -> None:
+def _record_submitted(conn: psycopg.Connection, job: Shard, submitted: SubmittedJob) -> None:
     """Record the provider job on the shard (inside the caller's transaction) unless another process
     (a poller that found it by its token) already did and moved it on: a job never goes back."""
     if ledger.get_job(conn, job.shard_key, for_update=True).state not in (JobState.EXPORTED, JobState.SUBMITTING):
@@ -372,7 +372,7 @@ def _record_submitted(conn: psycopg.Connection, job: JobRow, submitted: Submitte
 
 @dataclass(frozen=True)
 class Polled:
-    job: JobRow
+    job: Shard
     status: JobStatus
 
 
@@ -454,11 +454,11 @@ def _step(state: str) -> int:
     return 3 if state in TERMINAL_STATES else _STEP.get(state, 0)
 
 
-def _poll_many(conn: psycopg.Connection, jobs: list[JobRow], provider_for: Callable[[str], BatchProvider]
+def _poll_many(conn: psycopg.Connection, jobs: list[Shard], provider_for: Callable[[str], BatchProvider]
                ) -> dict[int, tuple[JobStatus, datetime]]:
     """Statuses of the jobs whose provider reports many at once (`PollsMany`), by job id, each with
     the database time just before it was asked."""
-    by_provider: dict[str, list[JobRow]] = {}
+    by_provider: dict[str, list[Shard]] = {}
     for job in jobs:
         if job.provider_job_id is not None:
             by_provider.setdefault(job.provider, []).append(job)
@@ -478,7 +478,7 @@ def _poll_many(conn: psycopg.Connection, jobs: list[JobRow], provider_for: Calla
     return fetched
 
 
-def _unchanged(job: JobRow, status: JobStatus) -> bool:
+def _unchanged(job: Shard, status: JobStatus) -> bool:
     """The status says what the job's row already says."""
     return (status.state == job.state and status.raw_status == job.provider_status and not status.quota_exceeded
             and status.completed == job.completed_count and status.failed == job.failed_count
@@ -487,7 +487,7 @@ def _unchanged(job: JobRow, status: JobStatus) -> bool:
             and (not status.message or status.message == job.last_error))
 
 
-def _record_fetched(conn: psycopg.Connection, provider: BatchProvider, job: JobRow, status: JobStatus,
+def _record_fetched(conn: psycopg.Connection, provider: BatchProvider, job: Shard, status: JobStatus,
                     asked_at: datetime, policy: QuotaPolicy) -> Polled | None:
     """Record a status fetched before the job's row lock was taken, unless it would move the job
     back: a lower step never, the same step only if nobody recorded the job since it was asked."""
@@ -497,7 +497,7 @@ def _record_fetched(conn: psycopg.Connection, provider: BatchProvider, job: JobR
     return _record_status(conn, provider, job, status, policy)
 
 
-def _poll_locked(conn: psycopg.Connection, provider: BatchProvider, job: JobRow,
+def _poll_locked(conn: psycopg.Connection, provider: BatchProvider, job: Shard,
                  policy: QuotaPolicy) -> Polled | None:
     if job.provider_job_id is None:
         found = provider.find_job(client_token=job.client_token)
@@ -508,7 +508,7 @@ def _poll_locked(conn: psycopg.Connection, provider: BatchProvider, job: JobRow,
     return _record_status(conn, provider, job, provider.poll(job.provider_job_id or ""), policy)
 
 
-def _record_status(conn: psycopg.Connection, provider: BatchProvider, job: JobRow, status: JobStatus,
+def _record_status(conn: psycopg.Connection, provider: BatchProvider, job: Shard, status: JobStatus,
                    policy: QuotaPolicy) -> Polled:
     """Record the provider's status of a row-locked job (inside the caller's transaction)."""
     if status.quota_exceeded:
@@ -529,7 +529,7 @@ def _record_status(conn: psycopg.Connection, provider: BatchProvider, job: JobRo
     return Polled(dataclasses.replace(job, **values), status)  # type: ignore[arg-type]
 
 
-def _requeue_for_quota(conn: psycopg.Connection, provider: BatchProvider, job: JobRow, message: str, *,
+def _requeue_for_quota(conn: psycopg.Connection, provider: BatchProvider, job: Shard, message: str, *,
                        policy: QuotaPolicy, retry_after: float | None = None) -> str:
     """A shard the provider refused for quota only (an enqueued-token limit, jobs in progress, a 429
     on create): inside the caller's transaction, learn what the refusal says about the quota, and put
@@ -555,7 +555,7 @@ def _requeue_for_quota(conn: psycopg.Connection, provider: BatchProvider, job: J
     return f"requeued, not failed; {learned.note}; next try {when}"
 
 
-def status_of(job: JobRow) -> JobStatus:
+def status_of(job: Shard) -> JobStatus:
     """The last recorded provider status of a job."""
     return JobStatus(state=job.state if job.state in ledger.TERMINAL_JOB_STATES else "running",  # type: ignore[arg-type]
                      raw_status=job.provider_status or job.state, total=job.request_count,
@@ -667,7 +667,7 @@ def ingest_shard(conn: psycopg.Connection, flow: Flow, provider: BatchProvider, 
             "its retry policy does so by itself)") from exc
 
 
-def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: Iterable[Result],
+def _ingest_results(conn: psycopg.Connection, flow: Flow, job: Shard, results: Iterable[Result],
                     report: IngestReport, *, max_attempts: int,
                     on_progress: Callable[[int], None] | None = None) -> IngestReport:
     """Join results to the shard's items on custom id, write the valid ones through the flow's sink
@@ -739,11 +739,11 @@ def _ingest_results(conn: psycopg.Connection, flow: Flow, job: JobRow, results: 
 _DONE: tuple[str, str | None] = (ItemState.DONE, None)
 
 
-def _where(result: Result, job: JobRow) -> str:
+def _where(result: Result, job: Shard) -> str:
     return f"{result.where} of job {_job_label(job)}"
 
 
-def _job_label(job: JobRow) -> str:
+def _job_label(job: Shard) -> str:
     """The provider job id, or for a shard served in real time its shard key."""
     return job.provider_job_id or f"{job.shard_key} (real time)"
 

@@ -99,7 +99,10 @@ class Candidate:
 
 
 @dataclass(frozen=True)
-class JobRow:
+class Shard:
+    """A shard: a set of items sent as one provider job (or served in real time), and that job's state —
+    one row of `batch_jobs`, keyed by `shard_key` (its Dagster partition)."""
+
     id: int
     flow: str
     provider: str
@@ -147,7 +150,7 @@ class JobRow:
     """Ingest runs of this shard that failed; the job-status sensor retries up to a bound."""
 
 
-_JOB_COLUMNS = ", ".join(f.name for f in fields(JobRow))
+_JOB_COLUMNS = ", ".join(f.name for f in fields(Shard))
 
 
 @dataclass(frozen=True)
@@ -292,7 +295,7 @@ def _insert_job(conn: psycopg.Connection, *, flow: str, provider: str, model: st
     ).fetchone()[0]
 
 
-def split_shard(conn: psycopg.Connection, job: JobRow, *, max_tokens: int, min_records: int = 1) -> list[str]:
+def split_shard(conn: psycopg.Connection, job: Shard, *, max_tokens: int, min_records: int = 1) -> list[str]:
     """Split a shard that was never accepted by the provider (`planned` or `exported`) into shards of
     at most `max_tokens` input tokens each (inside the caller's transaction). Its items move to the
     new shards unchanged — same state, same attempts —, the new shards start `planned` (their request
@@ -484,25 +487,25 @@ def forget_subjects(conn: psycopg.Connection, flow: str, subject_keys: list[str]
 
 # -- jobs --------------------------------------------------------------------------------------------
 
-def get_job(conn: psycopg.Connection, shard_key: str, *, for_update: bool = False) -> JobRow:
+def get_job(conn: psycopg.Connection, shard_key: str, *, for_update: bool = False) -> Shard:
     sql = f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE shard_key = %s" + (" FOR UPDATE" if for_update else "")
-    with conn.cursor(row_factory=class_row(JobRow)) as cur:
+    with conn.cursor(row_factory=class_row(Shard)) as cur:
         row = cur.execute(sql, (shard_key,)).fetchone()
     if row is None:
         raise LookupError(f"no shard {shard_key!r} in the ledger (batch_jobs); run the planner first")
     return row
 
 
-def lock_job(conn: psycopg.Connection, job_id: int, *, states: Iterable[str]) -> JobRow | None:
+def lock_job(conn: psycopg.Connection, job_id: int, *, states: Iterable[str]) -> Shard | None:
     """The job, row-locked for the caller's transaction, if it is in one of `states` and no other
     transaction holds it (`FOR UPDATE SKIP LOCKED`); None otherwise."""
     sql = f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE id = %s AND state = ANY(%s) FOR UPDATE SKIP LOCKED"
-    with conn.cursor(row_factory=class_row(JobRow)) as cur:
+    with conn.cursor(row_factory=class_row(Shard)) as cur:
         return cur.execute(sql, (job_id, list(states))).fetchone()
 
 
 def list_jobs(conn: psycopg.Connection, *, flow: str | None = None, states: Iterable[str] | None = None,
-              limit: int | None = None) -> list[JobRow]:
+              limit: int | None = None) -> list[Shard]:
     sql = f"SELECT {_JOB_COLUMNS} FROM batch_jobs WHERE (%(flow)s::text IS NULL OR flow = %(flow)s)"
     params: dict = {"flow": flow}
     if states is not None:
@@ -512,12 +515,12 @@ def list_jobs(conn: psycopg.Connection, *, flow: str | None = None, states: Iter
     if limit is not None:
         sql += " LIMIT %(limit)s"
         params["limit"] = limit
-    with conn.cursor(row_factory=class_row(JobRow)) as cur:
+    with conn.cursor(row_factory=class_row(Shard)) as cur:
         return cur.execute(sql, params).fetchall()
 
 
 def update_job(conn: psycopg.Connection, job_id: int, **values: object) -> None:
-    allowed = {f.name for f in fields(JobRow)} - {"id", "flow", "shard_key", "created_at"}
+    allowed = {f.name for f in fields(Shard)} - {"id", "flow", "shard_key", "created_at"}
     unknown = set(values) - allowed
     if unknown:
         raise ValueError(f"not batch_jobs columns: {sorted(unknown)}")
@@ -529,10 +532,10 @@ def update_job(conn: psycopg.Connection, job_id: int, **values: object) -> None:
     )
 
 
-def record_ingest_failure(conn: psycopg.Connection, job: JobRow, *, reason: str) -> JobRow | None:
+def record_ingest_failure(conn: psycopg.Connection, job: Shard, *, reason: str) -> Shard | None:
     """Count one failed ingest run of `job` (`ingest_failures` + 1) and say why in `last_error` —
     unless another process counted it first (the count moved since `job` was read): None then."""
-    with conn.cursor(row_factory=class_row(JobRow)) as cur:
+    with conn.cursor(row_factory=class_row(Shard)) as cur:
         return cur.execute(
             f"UPDATE batch_jobs SET ingest_failures = ingest_failures + 1, last_error = %s, updated_at = now()"
             f" WHERE id = %s AND ingest_failures = %s AND state <> %s RETURNING {_JOB_COLUMNS}",

@@ -39,7 +39,7 @@ class ResetPlan:
     """What a reset of `flow` removes (counts as found when it was planned)."""
 
     flow: str
-    open_jobs: list[ledger.JobRow] = field(default_factory=list)
+    open_jobs: list[ledger.Shard] = field(default_factory=list)
     jobs: int = 0
     finished_not_ingested: int = 0
     items: int = 0

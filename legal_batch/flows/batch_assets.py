@@ -27,11 +27,12 @@ from legal_batch.core.ledger import ItemState, JobState
 from legal_batch.core.progress import JobChange, flow_progress, jobs_changed_since
 from legal_batch.core.verify import VerifyReport, verify
 from legal_batch.flows.catalog import OWNERS, file_kinds, provider_kinds
+from legal_batch.flows.registry import provider_name_for
 from legal_batch.providers.base import BatchProvider, ProviderError, UnsupportedRequest
 from legal_batch.resources import DatabaseResource, FileStoreResource, ProvidersResource, get_settings
 
 Prepare = Callable[[dg.AssetExecutionContext, psycopg.Connection, "CandidatesConfig"], dict]
-ResultChecks = Callable[[psycopg.Connection, ledger.JobRow], list[dg.AssetCheckResult]]
+ResultChecks = Callable[[psycopg.Connection, ledger.Shard], list[dg.AssetCheckResult]]
 AfterIngest = Callable[[dg.AssetExecutionContext, psycopg.Connection, DatabaseResource], dict]
 
 
@@ -60,7 +61,7 @@ class CandidatesConfig(dg.Config):
 
 class MakeFlow(Protocol):
     def __call__(self, provider: BatchProvider, config: CandidatesConfig | None, *,
-                 job: ledger.JobRow | None = None) -> Flow:
+                 job: ledger.Shard | None = None) -> Flow:
         """The flow for planning (with the run's `config`), or for one shard (`job`): then built
         from the job row's model and stored `params`, not from this process's settings."""
         ...
@@ -241,7 +242,7 @@ def _candidates_asset(spec: _FlowSpec) -> dg.AssetsDefinition:
         if config.prompt and not spec.prompted:
             raise dg.Failure(description=f"the {spec.names.flow} flow has no prompt template: run it without "
                                          "`prompt` in the config", allow_retries=False)
-        provider = providers.named(config.provider) if config.provider else providers.for_flow(spec.names.flow)
+        provider = providers.named(config.provider or provider_name_for(spec.names.flow, get_settings()))
         flow = spec.make_flow(provider, config)
         with _clear_failures(), database.connect() as conn:
             prepared = spec.prepare(context, conn, config) if spec.prepare else {}
@@ -458,7 +459,7 @@ def _planner_sensor(spec: _FlowSpec, candidates_job: Any, submit_job: Any) -> dg
                description=f"Requests {spec.candidates_key} when there is new work and a submit run per planned shard.")
     def planner_sensor(context: dg.SensorEvaluationContext, database: DatabaseResource,
                        providers: ProvidersResource) -> dg.SensorResult:
-        provider = providers.for_flow(spec.names.flow)
+        provider = providers.named(provider_name_for(spec.names.flow, get_settings()))
         requests: list[dg.RunRequest] = []
         policy = get_settings().quota_policy()
         with database.connect() as conn:
@@ -572,7 +573,7 @@ def run_tags(*, flow: str, provider: str | None = None, model: str | None = None
     return {key: value for key, value in tags.items() if value}
 
 
-def job_run_tags(job: ledger.JobRow) -> dict[str, str]:
+def job_run_tags(job: ledger.Shard) -> dict[str, str]:
     """`run_tags` of a run working on one shard: from its job row."""
     return run_tags(flow=job.flow, provider=job.provider, model=job.model, shard=job.shard_key)
 
@@ -613,7 +614,7 @@ class StatusCursor:
                            "progress": self.progress})
 
 
-def _job_observation(jobs_key: str, change: JobChange | ledger.JobRow) -> dg.AssetObservation:
+def _job_observation(jobs_key: str, change: JobChange | ledger.Shard) -> dg.AssetObservation:
     """A job's current state on its `<prefix>_batch_jobs` partition."""
     return dg.AssetObservation(asset_key=jobs_key, partition=change.shard_key, metadata={
         "state": change.state,
@@ -628,7 +629,7 @@ def _job_observation(jobs_key: str, change: JobChange | ledger.JobRow) -> dg.Ass
     })
 
 
-def ingest_run_key(job: ledger.JobRow) -> str:
+def ingest_run_key(job: ledger.Shard) -> str:
     """The run key of the job's next ingest run: provider job id (or client token) + terminal state,
     and the attempt number once an ingest run of it has failed (Dagster never launches a used key)."""
     key = f"{job.provider_job_id or job.client_token}:{job.state}"
@@ -657,9 +658,9 @@ def _run_error(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
     return f"the run ended {run.status.value} without ingesting the shard"
 
 
-def _count_failed_ingest(conn: psycopg.Connection, instance: dg.DagsterInstance, job: ledger.JobRow,
+def _count_failed_ingest(conn: psycopg.Connection, instance: dg.DagsterInstance, job: ledger.Shard,
                          run: dg.DagsterRun, *, max_attempts: int, names: FlowNames
-                         ) -> tuple[ledger.JobRow | None, dg.AssetObservation | None]:
+                         ) -> tuple[ledger.Shard | None, dg.AssetObservation | None]:
     """Record the ended ingest run `run` of `job` as a failed attempt (job row and an observation of
     its results partition); (None, None) when another tick recorded it first."""
     failures = job.ingest_failures + 1
@@ -704,7 +705,7 @@ def _ledger_check(report: VerifyReport, flow: str) -> dg.AssetCheckResult:
     )
 
 
-def _not_failed_check(conn: psycopg.Connection, job: ledger.JobRow) -> dg.AssetCheckResult:
+def _not_failed_check(conn: psycopg.Connection, job: ledger.Shard) -> dg.AssetCheckResult:
     failed = conn.execute("SELECT count(*), min(last_error) FROM batch_items WHERE job_id = %s AND state = %s",
                           (job.id, ItemState.FAILED)).fetchone()
     return dg.AssetCheckResult(
@@ -714,7 +715,7 @@ def _not_failed_check(conn: psycopg.Connection, job: ledger.JobRow) -> dg.AssetC
                                 f" AND job_id = {job.id}; fix the cause, then mark them retryable and run again"})
 
 
-def _accounted_check(conn: psycopg.Connection, job: ledger.JobRow) -> dg.AssetCheckResult:
+def _accounted_check(conn: psycopg.Connection, job: ledger.Shard) -> dg.AssetCheckResult:
     still_open = conn.execute(
         "SELECT count(*) FROM batch_items WHERE job_id = %s AND state = ANY(%s)",
         (job.id, list(ledger.ITEM_OPEN_STATES)),

@@ -69,3 +69,8 @@ def entry(name: str) -> FlowEntry:
         if candidate.name == name:
             return candidate
     raise KeyError(f"unknown flow {name!r}: one of {', '.join(flow_names())}")
+
+
+def provider_name_for(flow: str, settings: Any) -> str:
+    """The provider the flow is configured to use (its `LEGAL_BATCH_<FLOW>_PROVIDER`)."""
+    return entry(flow).provider_name(settings)

@@ -12,7 +12,7 @@ import psycopg
 from legal_batch.core.user_tables import check_tables, tables_key
 from legal_batch.db import connect, database_url, upgrade
 from legal_batch.providers.base import BatchProvider
-from legal_batch.resources.providers import make_provider, provider_name_for
+from legal_batch.resources.providers import make_provider
 from legal_batch.settings import Settings, get_settings
 
 _UPGRADED: set[tuple] = set()
@@ -59,9 +59,6 @@ class FileStoreResource(dg.ConfigurableResource):
 class ProvidersResource(dg.ConfigurableResource):
     """The provider each flow uses (`LEGAL_BATCH_<FLOW>_PROVIDER`), and any provider by name for
     jobs that were submitted under another setting."""
-
-    def for_flow(self, flow: str) -> BatchProvider:
-        return self.named(provider_name_for(flow, get_settings()))  # type: ignore[arg-type]
 
     def named(self, name: str) -> BatchProvider:
         return make_provider(name, get_settings())

@@ -10,17 +10,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from legal_batch.flows.registry import entry
-from legal_batch.providers.base import BatchProvider, ProviderError, ProviderName
+from legal_batch.providers.base import BatchProvider, ProviderError
 from legal_batch.settings import Settings
 
 AZURE_DEPLOYMENT_VARIABLE = "AZURE_OPENAI_BATCH_DEPLOYMENT"
 """The name of the Azure OpenAI Global Batch deployment every azure_openai line names."""
-
-
-def provider_name_for(flow: str, settings: Settings) -> ProviderName:
-    """The provider the flow is configured to use (its `LEGAL_BATCH_<FLOW>_PROVIDER`)."""
-    return entry(flow).provider_name(settings)  # type: ignore[return-value]
 
 
 def make_provider(name: str, settings: Settings, **options: Any) -> BatchProvider:

@@ -20,7 +20,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from legal_batch.flows.embeddings.flow import binary_copy_data
+from legal_batch.core.vector_copy import binary_copy_data
 from legal_batch.sinks.base import (
     DimensionMismatch,
     SearchHit,

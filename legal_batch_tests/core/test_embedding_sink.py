@@ -106,7 +106,7 @@ def test_ingesting_over_existing_rows_upserts_them(lb_env, conn):
     assert all(later[index] > created[index] for index in created), "upserted rows carry the new time"
 
 
-def _completed_shard(conn: psycopg.Connection, home: Path, size: int) -> tuple[ledger.JobRow, Path, LocalProvider]:
+def _completed_shard(conn: psycopg.Connection, home: Path, size: int) -> tuple[ledger.Shard, Path, LocalProvider]:
     provider = LocalProvider(home / "local_provider", max_records_per_job=size)
     flow = EmbeddingsFlow(model=MODEL)
     shard_key = batch.plan(conn, flow, provider, model=MODEL).shard_keys[0]

@@ -67,7 +67,7 @@ class BackendKiller(threading.Thread):
                 self.killed, self.query = row
 
 
-def finished_shard(conn: psycopg.Connection, instance: dg.DagsterInstance) -> ledger.JobRow:
+def finished_shard(conn: psycopg.Connection, instance: dg.DagsterInstance) -> ledger.Shard:
     """One shard planned, submitted and finished on the local provider, through the real code."""
     runner = FlowDriver(EMB, defs, flow="embeddings", echo=lambda _: None, dagster_instance=instance)
     run = FlowRun("embeddings")
@@ -81,14 +81,14 @@ def finished_shard(conn: psycopg.Connection, instance: dg.DagsterInstance) -> le
     return job
 
 
-def assert_nothing_written(conn: psycopg.Connection, job: ledger.JobRow) -> None:
+def assert_nothing_written(conn: psycopg.Connection, job: ledger.Shard) -> None:
     assert conn.execute("SELECT count(*) FROM case_embeddings").fetchone()[0] == 0
     states = dict(conn.execute("SELECT state, count(*) FROM batch_items GROUP BY state").fetchall())
     assert states == {"submitted": job.request_count}
     assert ledger.get_job(conn, job.shard_key).state == "completed"
 
 
-def assert_all_embedded(conn: psycopg.Connection, job: ledger.JobRow) -> None:
+def assert_all_embedded(conn: psycopg.Connection, job: ledger.Shard) -> None:
     assert conn.execute("SELECT count(*) FROM case_embeddings").fetchone()[0] == job.request_count
     assert ledger.get_job(conn, job.shard_key).state == "ingested"
     assert verify(conn, {"embeddings": DONE_WITHOUT_RESULT_SQL}).ok

@@ -118,7 +118,7 @@ FORMATS = [
 
 @dataclass
 class Shard:
-    job: ledger.JobRow
+    job: ledger.Shard
     ids: list[str]
     """Custom ids in request order."""
     vectors: dict[str, list[float]]

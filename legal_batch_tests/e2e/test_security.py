@@ -172,7 +172,7 @@ SQL_WORDS = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|COPY|CREATE|ALTER|DROP|T
 SQL_FRAGMENTS = {
     # lower-case names that hold SQL built by the code itself, never a value
     "sql": "a flow's candidate / request SQL (code), run with its own parameters",
-    "assignments": "ledger.update_job: `column = %(column)s` for column names checked against JobRow",
+    "assignments": "ledger.update_job: `column = %(column)s` for column names checked against Shard",
     "table": "EmbeddingSink / vector_cache: its own staging table, or the vector table (a relation, below)",
     "columns": "EmbeddingSink: its own column list",
     "dimensions": "an int from settings, in a column type (vector(N))",

@@ -138,7 +138,7 @@ def test_nul_characters_in_text_are_refused_before_any_request(lb_env, conn):
     assert synced.cases == 1 and synced.chunks == 1
 
 
-def _submit_and_finish(conn: psycopg.Connection, instance: dg.DagsterInstance) -> ledger.JobRow:
+def _submit_and_finish(conn: psycopg.Connection, instance: dg.DagsterInstance) -> ledger.Shard:
     run = runner(instance)
     state = FlowRun("embeddings")
     run.plan(state, limit=None)

@@ -99,7 +99,7 @@ def check(instance: dg.DagsterInstance, name: str) -> Any:
     return record.event.dagster_event.event_specific_data
 
 
-def drive(conn: psycopg.Connection, instance: dg.DagsterInstance, *, after_submit: Callable[[list[ledger.JobRow]], None]
+def drive(conn: psycopg.Connection, instance: dg.DagsterInstance, *, after_submit: Callable[[list[ledger.Shard]], None]
           | None = None, ticks: int = 10) -> None:
     """One round without retries: plan, submit, (let the test act on the provider), tick until ingested."""
     run = runner(instance)
@@ -393,7 +393,7 @@ def test_openai_expired_batch_ingests_partial_output_and_requeues_the_rest(opena
         add_case(conn, f"[2022] HKCFI {n}", judgment(f"[2022] HKCFI {n}", 3))
     openai_emu.auto_advance = False
 
-    def expire(jobs: list[ledger.JobRow]) -> None:
+    def expire(jobs: list[ledger.Shard]) -> None:
         openai_emu.expire(jobs[0].provider_job_id, completed_fraction=0.5)
 
     drive(conn, dagster_instance, after_submit=expire)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from legal_batch.core.user_tables import VectorTable
+from legal_batch.core.vector_copy import binary_copy_data
 from legal_batch.flows.embeddings.flow import (
-    binary_copy_data,
     hnsw_build_memory_mb,
     hnsw_graph_bytes,
     hnsw_index_sql,

@@ -52,7 +52,7 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> Disk:
     return state
 
 
-def finished_shard(conn, instance: dg.DagsterInstance) -> tuple[ledger.JobRow, dg.RunRequest]:
+def finished_shard(conn, instance: dg.DagsterInstance) -> tuple[ledger.Shard, dg.RunRequest]:
     """A submitted shard whose provider job has completed, and the sensor's first ingest request for it."""
     seed_demo_cases(conn, cases=2)
     runner = FlowDriver(EMB, defs, flow="embeddings", echo=lambda _: None, dagster_instance=instance)

@@ -23,7 +23,7 @@ def count(conn, sql: str) -> int:
     return conn.execute(sql).fetchone()[0]
 
 
-def small_shard(conn, provider: LocalProvider, files_root: Path) -> tuple[EmbeddingsFlow, ledger.JobRow, int]:
+def small_shard(conn, provider: LocalProvider, files_root: Path) -> tuple[EmbeddingsFlow, ledger.Shard, int]:
     """Two cases chunked and planned as one shard below `provider`'s minimum, its request file written."""
     seed_demo_cases(conn, cases=2)
     sync_chunks(conn, max_tokens=512, overlap_tokens=64)

@@ -547,7 +547,7 @@ def test_the_emulator_refuses_an_unknown_encoding_format_on_its_line(
 # -- the status of many batches ----------------------------------------------------------------------
 
 def _open_jobs(conn: psycopg.Connection, provider: OpenAIProvider, emulator: OpenAIBatchEmulator, tmp_path: Path,
-               count: int) -> list[ledger.JobRow]:
+               count: int) -> list[ledger.Shard]:
     """`count` one-item shards in the ledger, each `pending` with its own batch (validating) in the emulator."""
     plan = ledger.plan_shards(
         conn, flow="embeddings", provider="openai", model=MODEL, params={"n": count},

@@ -48,7 +48,7 @@ CASE_EMBEDDINGS_SCHEMA = dg.TableSchema(
 
 
 def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
-              job: ledger.JobRow | None = None) -> EmbeddingsFlow:
+              job: ledger.Shard | None = None) -> EmbeddingsFlow:
     """For planning: the settings (source, vector table, dimensions) and the run's `config`; for a
     shard: what it was planned with (its job row)."""
     settings = get_settings()

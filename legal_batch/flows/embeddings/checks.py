@@ -6,7 +6,7 @@ import dagster as dg
 import numpy as np
 import psycopg
 
-from legal_batch.core.ledger import ItemState, JobRow
+from legal_batch.core.ledger import ItemState, Shard
 
 vector_spec = dg.AssetCheckSpec(
     "vectors_finite_unit_norm", asset="case_embeddings",
@@ -24,7 +24,7 @@ sinks_spec = dg.AssetCheckSpec(
 _SAMPLE = 200
 
 
-def sink_checks(conn: psycopg.Connection, job: JobRow) -> dg.AssetCheckResult:
+def sink_checks(conn: psycopg.Connection, job: Shard) -> dg.AssetCheckResult:
     """`vectors_in_every_sink` for one shard (passes with nothing to check when it has no further sinks)."""
     from legal_batch.flows.embeddings.replicas import further_sinks, open_sinks
     from legal_batch.settings import get_settings
@@ -59,7 +59,7 @@ def sink_checks(conn: psycopg.Connection, job: JobRow) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(check_name="vectors_in_every_sink", passed=passed, metadata=metadata)
 
 
-def vector_checks(conn: psycopg.Connection, job: JobRow) -> list[dg.AssetCheckResult]:
+def vector_checks(conn: psycopg.Connection, job: Shard) -> list[dg.AssetCheckResult]:
     dimensions = int((job.params or {}).get("dimensions", 1024))
     total, off_norm, wrong_dims = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE abs(vector_norm(e.embedding::vector) - 1) > 1e-3),"

@@ -31,6 +31,7 @@ from legal_batch.core.crash import crash_point
 from legal_batch.core.flow import Item
 from legal_batch.core.user_tables import CaseSource, VectorTable, stored_type
 from legal_batch.core.vector_cache import CacheKey, Savings
+from legal_batch.core.vector_copy import binary_copy_data
 from legal_batch.flows.embeddings.chunk_work import (
     HEADNOTE_CHUNK,
     CaseText,
@@ -251,7 +252,7 @@ class _SentBatch:
 def _in_flight_cases(conn: psycopg.Connection) -> set[str]:
     return {row[0] for row in conn.execute(
         "SELECT DISTINCT split_part(subject_key, ':', 1) FROM batch_items WHERE flow = %s"
-        " AND state IN ('exported', 'submitted') AND subject_key NOT LIKE 'case:%%'", (FLOW,))}
+        " AND state = ANY(%s) AND subject_key NOT LIKE 'case:%%'", (FLOW, list(ledger.ITEM_OPEN_STATES)))}
 
 
 def prepare_chunks(conn: psycopg.Connection, flow: EmbeddingsFlow, *, max_tokens: int, overlap_tokens: int,
@@ -470,9 +471,10 @@ def _remove_deleted_cases(conn: psycopg.Connection, source: CaseSource, table: V
             return 0, 0
         missing = conn.execute(
             "SELECT c.case_id::text, EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %s"
-            "   AND i.state IN ('exported', 'submitted') AND i.subject_key LIKE c.case_id::text || ':%%')"
+            "   AND i.state = ANY(%s) AND i.subject_key LIKE c.case_id::text || ':%%')"
             " FROM (SELECT case_id FROM chunked_cases UNION SELECT DISTINCT case_id FROM case_chunks) AS c"
-            f" WHERE NOT EXISTS (SELECT 1 FROM {cases} AS k WHERE k.id = c.case_id)", (FLOW,)).fetchall()
+            f" WHERE NOT EXISTS (SELECT 1 FROM {cases} AS k WHERE k.id = c.case_id)",
+            (FLOW, list(ledger.ITEM_OPEN_STATES))).fetchall()
         removed = [case_id for case_id, in_flight in missing if not in_flight]
         if removed:
             keys = conn.execute("SELECT case_id::text, chunk_index FROM case_chunks WHERE case_id = ANY(%s::uuid[])",
@@ -586,7 +588,7 @@ class EmbeddingsFlow:
             "WITH in_flight AS (SELECT DISTINCT o.text_sha256 FROM batch_items i JOIN case_chunks o"
             "   ON o.case_id = split_part(i.subject_key, ':', 1)::uuid"
             "  AND o.chunk_index = split_part(i.subject_key, ':', 2)::int"
-            "  WHERE i.flow = %(flow)s AND i.state IN ('exported', 'submitted') AND i.subject_key NOT LIKE 'case:%%')"
+            "  WHERE i.flow = %(flow)s AND i.state = ANY(%(open)s) AND i.subject_key NOT LIKE 'case:%%')"
             " SELECT subject_key, custom_id, tokens, size_bytes FROM ("
             "  SELECT DISTINCT ON (c.text_sha256) c.case_id, c.chunk_index,"
             "   c.case_id::text || ':' || c.chunk_index AS subject_key,"
@@ -597,14 +599,15 @@ class EmbeddingsFlow:
             "                   AND e.chunk_index = c.chunk_index AND e.model = %(model)s)"
             "   AND NOT EXISTS (SELECT 1 FROM batch_items i WHERE i.flow = %(flow)s"
             "                   AND i.subject_key = c.case_id::text || ':' || c.chunk_index"
-            "                   AND i.state IN ('exported', 'submitted', 'failed'))"
+            "                   AND i.state = ANY(%(not_candidate)s))"
             "   AND NOT EXISTS (SELECT 1 FROM in_flight f WHERE f.text_sha256 = c.text_sha256)"
             f"{clause}"
             "  ORDER BY c.text_sha256, c.case_id, c.chunk_index) AS c"
             " ORDER BY c.case_id, c.chunk_index"
         )
         return sql, {"model": self.model, "flow": FLOW, "limit": self.limit_cases, "provider": self.provider,
-                     "dims": self.dimensions}
+                     "dims": self.dimensions, "open": list(ledger.ITEM_OPEN_STATES),
+                     "not_candidate": list(ledger.ITEM_NOT_CANDIDATE_STATES)}
 
     def write_back(self, conn: psycopg.Connection) -> WrittenBack:
         """Write each record's outcome back to the record source (nothing without one)."""
@@ -630,8 +633,8 @@ class EmbeddingsFlow:
                 "SELECT i.custom_id, c.chunk_text FROM batch_items i JOIN case_chunks c"
                 "  ON c.case_id = split_part(i.subject_key, ':', 1)::uuid"
                 " AND c.chunk_index = split_part(i.subject_key, ':', 2)::int"
-                " WHERE i.job_id = %s AND i.state IN ('exported', 'submitted') ORDER BY i.id",
-                (job_id,),
+                " WHERE i.job_id = %s AND i.state = ANY(%s) ORDER BY i.id",
+                (job_id, list(ledger.ITEM_OPEN_STATES)),
             )
             for custom_id, text in cur:
                 yield EmbeddingRequest(custom_id, text)
@@ -815,64 +818,10 @@ class EmbeddingSink:
             self.replication = self.replicas.replicate(self.conn, model=self.model, job_id=job_id)
 
 
-_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, header extension length
-_COPY_TRAILER = b"\xff\xff"
-
-
-def binary_copy_data(case_ids: list[str], chunk_indexes: list[int], vectors: np.ndarray, *,
-                     model: str | None = None, hashes: list[str] | None = None, half: bool = False) -> memoryview:
-    """A whole `COPY ... (case_id, chunk_index[, model][, text_sha256], embedding) FROM STDIN WITH
-    (FORMAT BINARY)` stream (header, tuples, trailer) built with numpy in one buffer: no Python work
-    per row.
-
-    `case_ids` are canonical uuid strings, `hashes` (optional) 64-character hex digests, `vectors` a
-    (rows, dims) array (cast to float32, as pgvector stores them; with `half`, to float16, rounded to
-    nearest as pgvector's own `::halfvec` cast does, for a `halfvec` column). The `vector` wire format is
-    dims (uint16), 0 (uint16), then the float32s, all big-endian; `halfvec`'s the same with float16s."""
-    rows, dims = vectors.shape
-    if len(case_ids) != rows or len(chunk_indexes) != rows:
-        raise ValueError(f"{len(case_ids)} case ids and {len(chunk_indexes)} chunk indexes for {rows} vectors")
-    uuids = bytes.fromhex("".join(case_ids).replace("-", ""))
-    if len(uuids) != 16 * rows:
-        raise ValueError(f"case ids are not canonical uuids: {case_ids[:3]}...")
-    name = b"" if model is None else model.encode()
-    fields: list[tuple] = [("fields", ">i2"), ("uuid_len", ">i4"), ("uuid", "V16"), ("index_len", ">i4"),
-                           ("index", ">i4")]
-    if model is not None:
-        fields += [("model_len", ">i4"), ("model", f"S{len(name)}")] if name else [("model_len", ">i4")]
-    if hashes is not None:
-        if len(hashes) != rows:
-            raise ValueError(f"{len(hashes)} text hashes for {rows} vectors")
-        fields += [("sha_len", ">i4"), ("sha", "S64")]
-    component = 2 if half else 4
-    fields += [("vector_len", ">i4"), ("dims", ">u2"), ("unused", ">u2"), ("vector", f">f{component}", (dims,))]
-    row = np.dtype(fields)
-    stream = np.empty(len(_COPY_SIGNATURE) + rows * row.itemsize + len(_COPY_TRAILER), dtype=np.uint8)
-    stream[: len(_COPY_SIGNATURE)] = np.frombuffer(_COPY_SIGNATURE, dtype=np.uint8)
-    stream[len(stream) - len(_COPY_TRAILER):] = np.frombuffer(_COPY_TRAILER, dtype=np.uint8)
-    tuples = stream[len(_COPY_SIGNATURE): len(stream) - len(_COPY_TRAILER)].view(row)
-    tuples["fields"] = 3 + (model is not None) + (hashes is not None)
-    tuples["uuid_len"] = 16
-    tuples["uuid"] = np.frombuffer(uuids, dtype="V16")
-    tuples["index_len"] = 4
-    tuples["index"] = chunk_indexes
-    if model is not None:
-        tuples["model_len"] = len(name)
-        if name:
-            tuples["model"] = name
-    if hashes is not None:
-        tuples["sha_len"] = 64
-        tuples["sha"] = np.array(hashes, dtype="S64")
-    tuples["vector_len"] = 4 + component * dims
-    tuples["dims"] = dims
-    tuples["unused"] = 0
-    tuples["vector"] = vectors
-    return memoryview(stream)
-
-
 DONE_WITHOUT_RESULT_SQL = (
     "SELECT i.subject_key FROM batch_items i LEFT JOIN batch_jobs j ON j.id = i.job_id"
-    " WHERE i.flow = 'embeddings' AND i.state = 'done' AND i.subject_key NOT LIKE 'case:%%'"
+    f" WHERE i.flow = 'embeddings' AND i.state IN {ledger.sql_in([ledger.ItemState.DONE])}"
+    " AND i.subject_key NOT LIKE 'case:%%'"
     " AND NOT EXISTS (SELECT 1 FROM embedding_sink e"
     "  WHERE e.case_id = split_part(i.subject_key, ':', 1)::uuid"
     "  AND e.chunk_index = split_part(i.subject_key, ':', 2)::int AND (j.model IS NULL OR e.model = j.model))"
@@ -1021,8 +970,8 @@ def ensure_vector_index(conn: psycopg.Connection, *, table: VectorTable | None =
     if exists or not table.owned(conn):
         return None
     open_jobs = conn.execute(
-        "SELECT count(*) FROM batch_jobs WHERE flow = %s AND state NOT IN ('ingested', 'failed', 'cancelled')",
-        (FLOW,)).fetchone()[0]
+        "SELECT count(*) FROM batch_jobs WHERE flow = %s AND state <> ALL(%s)",
+        (FLOW, list(ledger.SETTLED_JOB_STATES))).fetchone()[0]
     if open_jobs:
         return None
     started = time.monotonic()

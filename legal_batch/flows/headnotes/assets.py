@@ -32,9 +32,10 @@ from legal_batch.flows.headnotes.flow import (
     flag_stale_headnotes,
 )
 from legal_batch.flows.headnotes.prompt_template import PromptTemplate, load_prompt
+from legal_batch.flows.registry import provider_name_for
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import get_settings
-from legal_batch.resources.providers import make_provider, provider_name_for
+from legal_batch.resources.providers import make_provider
 from legal_batch.settings import Settings
 
 NAMES = FlowNames(flow="headnotes", prefix="headnote", results="court_case_headnotes")
@@ -69,7 +70,7 @@ def run_prompt(config: CandidatesConfig | None, settings: Settings) -> PromptTem
 
 
 def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
-              job: ledger.JobRow | None = None) -> HeadnotesFlow:
+              job: ledger.Shard | None = None) -> HeadnotesFlow:
     """For planning: the settings, with the run's `overwrite` (and cut-off) from its config. For a
     shard: what it was planned with (its job row), whichever process writes, submits or ingests it."""
     settings = get_settings()
@@ -151,7 +152,7 @@ def table_rows(conn: psycopg.Connection) -> int:
                         " WHERE headnote IS NOT NULL").fetchone()[0]
 
 
-def check_headnotes(conn: psycopg.Connection, job: ledger.JobRow) -> list[dg.AssetCheckResult]:
+def check_headnotes(conn: psycopg.Connection, job: ledger.Shard) -> list[dg.AssetCheckResult]:
     settings = get_settings()
     max_tokens = int((job.params or {}).get("max_tokens", settings.headnote_max_tokens))  # as submitted
     return headnote_checks(conn, job, max_tokens=max_tokens, min_citation_rate=settings.headnote_min_citation_rate,

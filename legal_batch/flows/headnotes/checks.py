@@ -10,7 +10,7 @@ import dagster as dg
 import psycopg
 
 from legal_batch.core.cost import batch_discount, price
-from legal_batch.core.ledger import ItemState, JobRow
+from legal_batch.core.ledger import ItemState, Shard
 from legal_batch.core.user_tables import CaseSource
 
 RESULTS = "court_case_headnotes"
@@ -44,7 +44,7 @@ def _written(source: CaseSource) -> str:
     )
 
 
-def headnote_checks(conn: psycopg.Connection, job: JobRow, *, max_tokens: int,
+def headnote_checks(conn: psycopg.Connection, job: Shard, *, max_tokens: int,
                     min_citation_rate: float, source: CaseSource | None = None) -> list[dg.AssetCheckResult]:
     """The three checks above, for one ingested shard (of `source`: the built-in court_cases).
 
@@ -87,7 +87,7 @@ def headnote_checks(conn: psycopg.Connection, job: JobRow, *, max_tokens: int,
     ]
 
 
-def _cost_check(job: JobRow, *, max_tokens: int) -> dg.AssetCheckResult:
+def _cost_check(job: Shard, *, max_tokens: int) -> dg.AssetCheckResult:
     est_output = job.request_count * max_tokens
     estimate = price(job.model, input_tokens=job.est_input_tokens or 0, output_tokens=est_output)
     actual = price(job.model, input_tokens=job.input_tokens or 0, output_tokens=job.output_tokens or 0)

@@ -30,7 +30,7 @@ NAMES = FlowNames(flow=FLOW, prefix="template", results="template_results")
 
 
 def make_flow(provider: BatchProvider, config: CandidatesConfig | None, *,
-              job: ledger.JobRow | None = None) -> TemplateFlow:
+              job: ledger.Shard | None = None) -> TemplateFlow:
     return TemplateFlow(provider=provider.name, model=job.model if job else provider.default_model("chat"),
                         limit=config.limit if config else None)
 
@@ -95,7 +95,7 @@ def has_template_work(conn: psycopg.Connection) -> bool:
     return has_pending_work(conn)
 
 
-def responses_check(conn: psycopg.Connection, job: ledger.JobRow) -> list[dg.AssetCheckResult]:
+def responses_check(conn: psycopg.Connection, job: ledger.Shard) -> list[dg.AssetCheckResult]:
     """Every done item of the shard has its response in `template_results`."""
     missing = conn.execute(f"SELECT count(*) FROM ({DONE_WITHOUT_RESULT_SQL} AND i.job_id = %s) AS m",
                            (job.id,)).fetchone()[0]

@@ -101,7 +101,7 @@ def build_flow_definitions(
     *,
     make_flow: MakeFlow,
     prepare: Prepare | None = None,
-    has_unprepared: Callable[[psycopg.Connection], bool] | None = None,
+    has_unprepared: Callable[[psycopg.Connection], bool | str] | None = None,
     result_check_specs: Sequence[dg.AssetCheckSpec] = (),
     result_checks: ResultChecks | None = None,
     after_ingest: AfterIngest | None = None,
@@ -175,7 +175,8 @@ class _FlowSpec:
     """`<prefix>_shards`: one partition per shard."""
     candidates_key: str
     prepare: Prepare | None
-    has_unprepared: Callable[[psycopg.Connection], bool] | None
+    has_unprepared: Callable[[psycopg.Connection], bool | str] | None
+    """Preparation has work (e.g. chunking); a string marks which, so a new marker is a new planning run."""
     result_check_specs: Sequence[dg.AssetCheckSpec]
     result_checks: ResultChecks | None
     after_ingest: AfterIngest | None

@@ -237,3 +237,28 @@ def test_receipt_lines_from_dynamodb_into_chroma_with_statuses_written_back(lb_e
     assert scalar(conn, "SELECT sum(request_count) FROM batch_jobs") == requests + 1
     assert _status(client, table, "IMG-0", 0)["embedding_status"] == "SUCCESS"
     assert chroma(settings).count() == 40
+
+
+def test_the_planner_sensor_reads_a_record_source_pass_by_pass(lb_env, conn, dagster_instance, receipts,
+                                                               monkeypatch):
+    """With a DynamoDB source set, each tick that finds more to read asks for a new planning run (a new
+    run key per pass), and none once the scan reached the end and nothing is left to plan."""
+    from legal_batch.flows.embeddings.record_sources import pull
+
+    monkeypatch.setenv("LEGAL_BATCH_EMBEDDINGS_SOURCE", "dynamodb")
+    monkeypatch.setenv("LEGAL_BATCH_DYNAMODB_PAGES_PER_PASS", "1")
+    settings = get_settings(fresh=True)
+
+    def planning_keys() -> list[str]:
+        result = EMB.planner_sensor(dg.build_sensor_context(instance=dagster_instance, resources=defs.resources))
+        return [r.run_key for r in result.run_requests if r.job_name == "embedding_candidates_job"]
+
+    first = planning_keys()
+    assert len(first) == 1, "never read: plan"
+    pull(conn, "dynamodb", settings)
+    second = planning_keys()
+    assert len(second) == 1 and second != first, "a pass read one page: another run for the next"
+    while not pull(conn, "dynamodb", settings).complete:
+        pass
+    assert scalar(conn, "SELECT count(*) FROM source_records") == 40
+    assert len(planning_keys()) == 1, "cases read but not chunked yet: plan them"

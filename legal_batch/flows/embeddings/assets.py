@@ -84,12 +84,14 @@ def chunk_new_cases(context: dg.AssetExecutionContext, conn: psycopg.Connection,
     return prepared
 
 
-def has_unchunked_cases(conn: psycopg.Connection) -> bool:
-    """New or removed cases, or (with a record source) more of it to read."""
+def has_unchunked_cases(conn: psycopg.Connection) -> bool | str:
+    """New or removed cases, or (with a record source) more of it to read: then a marker of the last
+    pass, so that each pass makes a new planning run."""
     settings = get_settings()
     name = check_source_name(settings.embeddings_source)
-    if name is not None and has_more(conn, name, settings, rescan_after_s=max(60.0, settings.poll_interval)):
-        return True
+    if name is not None and (more := has_more(conn, name, settings,
+                                              rescan_after_s=max(60.0, settings.poll_interval))):
+        return more
     return unchunked_cases_exist(conn, CaseSource.from_settings(settings))
 
 

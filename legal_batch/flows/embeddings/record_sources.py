@@ -240,13 +240,16 @@ ORDER BY case_id LIMIT %(limit)s
 """
 
 
-def has_more(conn: psycopg.Connection, name: str, settings: Settings, *, rescan_after_s: float) -> bool:
+def has_more(conn: psycopg.Connection, name: str, settings: Settings, *, rescan_after_s: float) -> str | None:
     """The planner sensor's question: is there more of the source to read (a scan under way, or the
-    last one ended more than `rescan_after_s` ago)?"""
+    last one ended more than `rescan_after_s` ago)? A marker that changes with every pass (so each
+    pass is a new planning run), or None."""
     row = conn.execute(
-        "SELECT cursor IS NOT NULL OR updated_at < now() - make_interval(secs => %s) FROM source_cursors"
+        "SELECT cursor IS NOT NULL OR updated_at < now() - make_interval(secs => %s), updated_at FROM source_cursors"
         " WHERE source LIKE %s ORDER BY updated_at DESC LIMIT 1", (rescan_after_s, f"{name}:%")).fetchone()
-    return True if row is None else bool(row[0])
+    if row is None:
+        return f"{name}: never read"
+    return f"{name}: read at {row[1].isoformat()}" if row[0] else None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -408,18 +408,36 @@ def record_served_subjects(conn: psycopg.Connection, flow: str, subjects_sql: st
     ).rowcount
 
 
-def reopen_subjects(conn: psycopg.Connection, flow: str, reopened: Iterable[tuple[str, str]]) -> int:
-    """Done subjects whose result did not reach every store (e.g. a further vector sink refused it):
-    back to `retryable` with the reason. Attempts are not counted (the provider answered); the result
-    is kept where it can be served from without a request."""
+def reopen_subjects(conn: psycopg.Connection, flow: str, reopened: Iterable[tuple[str, str]], *,
+                    max_attempts: int) -> int:
+    """Done (or still retryable) subjects whose result did not reach every store (e.g. a further vector
+    sink refused it): back to `retryable` with the reason, counting an attempt; `failed` (saying so)
+    once attempts reach `max_attempts`. The result is kept where it is: finishing it needs no request."""
     rows = list(reopened)
+    if not rows:
+        return 0
+    return conn.execute(
+        "UPDATE batch_items i SET state = CASE WHEN i.attempts >= %(max)s THEN %(failed)s ELSE %(retryable)s END,"
+        " last_error = CASE WHEN i.attempts >= %(max)s"
+        "   THEN r.reason || ' (gave up after ' || i.attempts || ' attempts)' ELSE r.reason END,"
+        " attempts = i.attempts + 1, updated_at = now()"
+        " FROM unnest(%(keys)s::text[], %(reasons)s::text[]) AS r (subject_key, reason)"
+        " WHERE i.flow = %(flow)s AND i.subject_key = r.subject_key AND i.state = ANY(%(claimable)s)",
+        {"max": max_attempts, "failed": ItemState.FAILED, "retryable": ItemState.RETRYABLE,
+         "keys": [key for key, _ in rows], "reasons": [reason for _, reason in rows], "flow": flow,
+         "claimable": list(ITEM_CLAIMABLE_STATES)}).rowcount
+
+
+def fail_subjects(conn: psycopg.Connection, flow: str, failures: Iterable[tuple[str, str]]) -> int:
+    """Done (or retryable) subjects whose result a store refuses for good: `failed` with the reason."""
+    rows = list(failures)
     if not rows:
         return 0
     return conn.execute(
         "UPDATE batch_items i SET state = %s, last_error = r.reason, updated_at = now()"
         " FROM unnest(%s::text[], %s::text[]) AS r (subject_key, reason)"
         " WHERE i.flow = %s AND i.subject_key = r.subject_key AND i.state = ANY(%s)",
-        (ItemState.RETRYABLE, [key for key, _ in rows], [reason for _, reason in rows], flow,
+        (ItemState.FAILED, [key for key, _ in rows], [reason for _, reason in rows], flow,
          list(ITEM_CLAIMABLE_STATES))).rowcount
 
 

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from legal_batch.core.errors import UserError
 from legal_batch.sinks.base import (
     DimensionMismatch,
     SearchHit,
@@ -72,6 +73,11 @@ def client_for(settings: Settings) -> ClientAPI:
                               "the server, or unset LEGAL_BATCH_CHROMA_URL to use the embedded one") from exc
 
 
+def target(*, model: str, dimensions: int, settings: Settings) -> str:
+    """What the sink writes to (its `where`), known without connecting."""
+    return f"chroma collection {settings.chroma_collection or collection_name(model, dimensions)}"
+
+
 def open_sink(*, model: str, dimensions: int, settings: Settings, conn: psycopg.Connection | None = None
               ) -> ChromaSink:
     return ChromaSink(client_for(settings), model=model, dimensions=dimensions,
@@ -95,9 +101,15 @@ class ChromaSink:
         try:
             self.collection = client.get_collection(self.collection_name, embedding_function=None)
         except NotFoundError:
-            self.collection = client.get_or_create_collection(
-                self.collection_name, configuration={"hnsw": {"space": "cosine"}}, embedding_function=None,
-                metadata={"model": model, "dimensions": dimensions, "created_by": "legal_batch"})
+            from chromadb.errors import InvalidArgumentError
+
+            try:
+                self.collection = client.get_or_create_collection(
+                    self.collection_name, configuration={"hnsw": {"space": "cosine"}}, embedding_function=None,
+                    metadata={"model": model, "dimensions": dimensions, "created_by": "legal_batch"})
+            except (InvalidArgumentError, ValueError) as exc:
+                raise UserError(f"{self.where} cannot be created ({_first_line(exc)}): set LEGAL_BATCH_CHROMA_COLLECTION "
+                                "to 3–512 characters of letters, digits, '.', '_' and '-', or unset it") from None
         except Exception as exc:
             raise SinkUnavailable(f"{self.where}: {_first_line(exc)}") from exc
         self._check()
@@ -105,6 +117,10 @@ class ChromaSink:
 
     def _check(self) -> None:
         metadata = self.collection.metadata or {}
+        if metadata.get("model") not in (None, self.model):  # ids are per chunk: one model per collection
+            raise DimensionMismatch(
+                f"{self.where} holds vectors of {metadata['model']}, not {self.model}: name another collection "
+                "with LEGAL_BATCH_CHROMA_COLLECTION (unset → one per model and dimension)")
         stored = metadata.get("dimensions")
         if stored is None:
             sample = self.collection.get(limit=1, include=["embeddings"])

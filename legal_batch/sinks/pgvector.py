@@ -42,6 +42,11 @@ DEFAULT_TABLE = "case_embeddings"
 _BLOCK = 2_000
 
 
+def target(*, model: str, dimensions: int, settings: Settings) -> str:
+    """What the sink writes to, known without connecting."""
+    return getattr(settings, "embeddings_table", None) or DEFAULT_TABLE
+
+
 def open_sink(*, model: str, dimensions: int, settings: Settings, conn: psycopg.Connection | None = None
               ) -> PgvectorSink:
     if conn is None:

@@ -1,7 +1,8 @@
 """Every vector sink, listed once: name → module. Adding a sink is its module plus one line below.
 
-A sink module defines `TRANSACTIONAL` (its capability: writes join the ledger's Postgres transaction)
-and `open_sink(*, model, dimensions, settings, conn)`, which connects, checks the dimension of what
+A sink module defines `TRANSACTIONAL` (its capability: writes join the ledger's Postgres transaction),
+`target(*, model, dimensions, settings)` (what it writes to, without connecting) and
+`open_sink(*, model, dimensions, settings, conn)`, which connects, checks the dimension of what
 it will write into, and returns a `VectorSink`. Nothing here imports a sink until it is asked for,
 so naming sinks (settings, CLI choices) loads no database client.
 """
@@ -55,6 +56,12 @@ def open_sink(name: str, *, model: str, dimensions: int, settings: Settings,
               conn: psycopg.Connection | None = None) -> VectorSink:
     """Open the named sink for `model` vectors of `dimensions` components (see the module docstring)."""
     return _module(name).open_sink(model=model, dimensions=dimensions, settings=settings, conn=conn)
+
+
+def sink_target(name: str, *, model: str, dimensions: int, settings: Settings) -> str:
+    """What the named sink writes to for `model` (its `where`, e.g. `chroma collection legal_batch-m-1024`),
+    known from the settings without connecting."""
+    return _module(name).target(model=model, dimensions=dimensions, settings=settings)
 
 
 def _module(name: str):

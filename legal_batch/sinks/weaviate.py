@@ -82,6 +82,11 @@ def connect(settings: Settings) -> WeaviateClient:
                               "or correct LEGAL_BATCH_WEAVIATE_URL") from exc
 
 
+def target(*, model: str, dimensions: int, settings: Settings) -> str:
+    """What the sink writes to (its `where`), known without connecting."""
+    return f"weaviate collection {settings.weaviate_collection or collection_name(model, dimensions)}"
+
+
 def open_sink(*, model: str, dimensions: int, settings: Settings, conn: psycopg.Connection | None = None
               ) -> WeaviateSink:
     client = connect(settings)

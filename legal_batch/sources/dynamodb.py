@@ -168,7 +168,7 @@ class DynamoDBSource:
         return self.write_status((StatusUpdate(p.id, error=p.reason) for p in problems), at=at)
 
     def _write_one(self, update: StatusUpdate, stamp: str) -> str | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         names = {"#status": self.status_attribute, "#at": self.at_attribute}
         if update.error is None:
@@ -189,6 +189,8 @@ class DynamoDBSource:
                                                                       for index in range(len(key))))
         except ValueError as exc:
             return str(exc)
+        except BotoCoreError as exc:  # endpoint unreachable, credentials: tried again next pass
+            return f"table {self.table}, key {update.id}: {exc}"
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code == "ConditionalCheckFailedException":

@@ -111,10 +111,15 @@ def test_a_sink_down_during_ingest_leaves_its_chunks_retryable_and_the_retry_req
     assert ledger.summary(conn, "embeddings").items_by_state == {"retryable": chunks}
     reasons = {row[0] for row in conn.execute("SELECT DISTINCT last_error FROM batch_items")}
     assert len(reasons) == 1 and reasons.pop().startswith("not stored in the weaviate sink: Weaviate at http://")
-    assert scalar(conn, "SELECT count(*) FROM case_embeddings") == 0, "moved to the vector cache"
-    assert scalar(conn, "SELECT count(*) FROM vector_cache") == scalar(
-        conn, "SELECT count(DISTINCT text_sha256) FROM case_chunks")
+    assert scalar(conn, "SELECT count(*) FROM case_embeddings") == chunks, "kept: never requested again"
     requests = scalar(conn, "SELECT sum(request_count) FROM batch_jobs")
+
+    # a planning pass while Weaviate is still down undoes nothing and asks for nothing
+    still_down = driver(dagster_instance)
+    still_down.plan(still_down.new_run(), limit=None)
+    assert ledger.summary(conn, "embeddings").items_by_state == {"retryable": chunks}
+    assert scalar(conn, "SELECT count(*) FROM case_embeddings") == chunks
+    assert scalar(conn, "SELECT sum(request_count) FROM batch_jobs") == requests
 
     weaviate.start()  # back (on new ports: the settings follow)
     for key, value in weaviate.env().items():
@@ -139,11 +144,13 @@ def test_objects_a_sink_refuses_are_named_and_stay_retryable_after_the_run(lb_en
     run = driver(dagster_instance).finish(driver(dagster_instance).run(wait=True, poll_interval=0))
 
     refused = scalar(conn, "SELECT count(*) FROM case_chunks WHERE chunk_index = 1")
+    chunks = scalar(conn, "SELECT count(*) FROM case_chunks")
     assert not run.ok
-    assert [g.count for g in run.left_retryable] == [refused]
-    assert "shard is read-only" in run.report()[0] and "not done, retryable by the next run" in run.report()[0]
-    assert ledger.summary(conn, "embeddings").items_by_state["retryable"] == refused
-    assert scalar(conn, "SELECT count(*) FROM batch_items WHERE state = 'failed'") == 0
+    # each pass writes them again; after LEGAL_BATCH_MAX_ATTEMPTS (3) they fail, saying why — never paid again
+    assert [g.count for g in run.failed_items] == [refused]
+    assert "shard is read-only" in run.report()[0] and "gave up after 3 attempts" in run.report()[0]
+    assert ledger.summary(conn, "embeddings").items_by_state == {"done": chunks - refused, "failed": refused}
+    assert scalar(conn, "SELECT sum(request_count) FROM batch_jobs") == chunks
 
 
 def test_a_collection_of_another_dimension_is_one_line_before_any_request(lb_env, conn, capsys, monkeypatch):
@@ -262,3 +269,18 @@ def test_the_planner_sensor_reads_a_record_source_pass_by_pass(lb_env, conn, dag
         pass
     assert scalar(conn, "SELECT count(*) FROM source_records") == 40
     assert len(planning_keys()) == 1, "cases read but not chunked yet: plan them"
+
+
+def test_success_is_written_back_only_for_records_every_sink_holds(lb_env, conn, dagster_instance, receipts):
+    from legal_batch.flows.embeddings.record_sources import write_back
+    from legal_batch.sinks.registry import sink_target
+
+    settings = get_settings(fresh=True)
+    driver(dagster_instance, source="dynamodb", sinks="chroma").run(wait=True, poll_interval=0)
+    conn.execute("UPDATE source_records SET status = NULL")  # as if not written back yet
+    chroma_target = sink_target("chroma", model=MODEL, dimensions=1024, settings=settings)
+
+    missing = write_back(conn, "dynamodb", settings, model=MODEL, targets=[chroma_target, "weaviate collection X"])
+    assert missing.succeeded == 0, "a sink that does not hold them: no SUCCESS"
+    held = write_back(conn, "dynamodb", settings, model=MODEL, targets=[chroma_target])
+    assert held.succeeded == 40

@@ -22,7 +22,7 @@ from legal_batch.flows.embeddings.flow import (
     prepare_chunks,
 )
 from legal_batch.flows.embeddings.flow import has_unchunked_cases as unchunked_cases_exist
-from legal_batch.flows.embeddings.record_sources import check_source_name, has_more, write_back
+from legal_batch.flows.embeddings.record_sources import check_source_name, has_more
 from legal_batch.flows.embeddings.replicas import PRIMARY
 from legal_batch.providers.base import BatchProvider
 from legal_batch.resources import DatabaseResource, get_settings
@@ -104,27 +104,39 @@ def build_index_when_loaded(context: dg.AssetExecutionContext, conn: psycopg.Con
     totals = {"cache_requests_saved_total": saved.requests, "cache_tokens_saved_total": saved.tokens,
               "cache_usd_saved_total": float(saved.usd)}
     settings = get_settings()
-    record_source = check_source_name(settings.embeddings_source)
-    if record_source is not None or conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM source_records WHERE status IS NULL"
-            " OR status_sha256 IS DISTINCT FROM text_sha256)").fetchone()[0]:
-        names = [record_source] if record_source else sorted({label.split(":", 1)[0] for (label,) in conn.execute(
-            "SELECT DISTINCT source FROM source_records")})
-        model = conn.execute("SELECT model FROM batch_jobs WHERE flow = %s AND state = %s"
-                             " ORDER BY ingested_at DESC LIMIT 1", (NAMES.flow, ledger.JobState.INGESTED)).fetchone()
-        for name in names:
-            written = write_back(conn, name, settings, model=model[0] if model else (settings.embedding_model or ""))
-            context.log.info(written.line())
-            totals[f"{name}_statuses_written"] = written.succeeded + written.failed
     table = VectorTable.from_settings(settings)
-    if PRIMARY not in parse_sink_names(settings.embeddings_sinks):
-        return totals  # the vector table is not searched (LEGAL_BATCH_EMBEDDINGS_SINKS): no HNSW index to build
-    with watch_index_build(database.connect, context.log.info, table=table.relation):
-        seconds = ensure_vector_index(conn, table=table, log=context.log.info)
-    if seconds is None:
-        return totals
-    context.log.info(f"built the HNSW index on {table.name} in {seconds:.1f} s")
-    return {**totals, "hnsw_index_built_seconds": round(seconds, 1)}
+    if PRIMARY in parse_sink_names(settings.embeddings_sinks):  # else the vector table is not searched
+        with watch_index_build(database.connect, context.log.info, table=table.relation):
+            seconds = ensure_vector_index(conn, table=table, log=context.log.info)
+        if seconds is not None:
+            context.log.info(f"built the HNSW index on {table.name} in {seconds:.1f} s")
+            totals["hnsw_index_built_seconds"] = round(seconds, 1)
+    return {**totals, **write_back_statuses(context, conn)}
+
+
+def write_back_statuses(context: dg.AssetExecutionContext, conn: psycopg.Connection) -> dict:
+    """After an ingest, with a record source (the shard's, or the settings'): write back the statuses of
+    the records that are finished. A failure is logged, never the ingest's: the next pass tries again."""
+    settings = get_settings()
+    row = conn.execute("SELECT model, params FROM batch_jobs WHERE flow = %s AND state = %s AND params IS NOT NULL"
+                       " ORDER BY ingested_at DESC LIMIT 1", (NAMES.flow, ledger.JobState.INGESTED)).fetchone()
+    if row is None:
+        return {}
+    flow = EmbeddingsFlow.for_job(model=row[0], params=row[1], settings=settings)
+    if flow.record_source is None:
+        flow.record_source = check_source_name(settings.embeddings_source)
+    if flow.record_source is None:
+        return {}
+    try:
+        written = flow.write_back(conn)
+    except Exception as exc:
+        context.log.warning(f"statuses not written back to the {flow.record_source} source "
+                            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+                            "the next pass tries again")
+        return {}
+    context.log.info(written.line())
+    return {"source_statuses_written": written.succeeded + written.failed,
+            "source_statuses_not_written": len(written.not_written)}
 
 
 def table_rows(conn: psycopg.Connection) -> int:

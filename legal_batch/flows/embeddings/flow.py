@@ -265,9 +265,8 @@ def prepare_chunks(conn: psycopg.Connection, flow: EmbeddingsFlow, *, max_tokens
     anything."""
     notes = []
     if flow.further_sinks:  # a collection of another dimension: one line before any request
-        for name, reason in check_sinks(flow.sinks, model=flow.model, dimensions=flow.dimensions,
-                                        settings=flow.settings, reachable=False).items():
-            notes.append(f"the {name} sink cannot be reached ({reason}): its vectors wait, retryable")
+        check_sinks(flow.sinks, model=flow.model, dimensions=flow.dimensions, settings=flow.settings,
+                    reachable=False)
     pulled = None
     if flow.record_source is not None:
         from legal_batch.flows.embeddings.record_sources import pull
@@ -279,10 +278,8 @@ def prepare_chunks(conn: psycopg.Connection, flow: EmbeddingsFlow, *, max_tokens
                          cache=flow.cache, workers=workers)
     served = synced.served + flow.serve_from_cache(conn)
     replicated = None
-    if flow.further_sinks:
-        with conn.transaction():
-            ledger.lock_planning(conn, FLOW)
-            replicated = flow.replicate(conn)
+    if flow.further_sinks:  # batch by batch, each committed (a long fill keeps its progress)
+        replicated = flow.replicate(conn)
         notes.append(replicated.line())
     if flow.record_source is not None:
         notes.append(flow.write_back(conn).line())
@@ -615,7 +612,14 @@ class EmbeddingsFlow:
 
         if self.record_source is None:
             return WrittenBack()
-        return write_back(conn, self.record_source, self.settings, model=self.model)
+        return write_back(conn, self.record_source, self.settings, model=self.model, targets=self.sink_targets())
+
+    def sink_targets(self) -> list[str]:
+        """What each further sink writes to (`sink_vectors.target`)."""
+        from legal_batch.sinks.registry import sink_target
+
+        return [sink_target(name, model=self.model, dimensions=self.dimensions, settings=self.settings)
+                for name in self.further_sinks]
 
     def serve_from_cache(self, conn: psycopg.Connection) -> Savings:
         """Before planning: every chunk without a vector whose text is in the vector cache takes its
@@ -647,10 +651,9 @@ class EmbeddingsFlow:
     def replicate(self, conn: psycopg.Connection, *, model: str | None = None, job_id: int | None = None
                   ) -> Replication:
         """Bring the further sinks up to date (`replicas.replicate`), inside the caller's transaction."""
-        model = model or self.model
-        cache = None if self.provider is None else CacheKey(self.provider, model, self.dimensions)
-        return replicate(conn, names=self.sinks, model=model, table=self.table, source=self.source, cache=cache,
-                         settings=self.settings, job_id=job_id)
+        settings = self.settings
+        return replicate(conn, names=self.sinks, model=model or self.model, table=self.table, source=self.source,
+                         settings=settings, max_attempts=settings.max_attempts, job_id=job_id)
 
 
 class EmbeddingSink:

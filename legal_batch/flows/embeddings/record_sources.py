@@ -18,6 +18,7 @@ the corpus before each chunking pass, and their outcome written back.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,9 @@ def check_source_name(name: str | None, *, setting: str = "LEGAL_BATCH_EMBEDDING
 
 def open_source(name: str, settings: Settings) -> Any:
     """The named source, configured by its settings (one line when one is missing)."""
+    if settings.source_table:
+        raise UserError(f"the {name} source reads records into court_cases, but LEGAL_BATCH_SOURCE_TABLE="
+                        f"{settings.source_table!r} makes chunking read your table: unset one of them")
     if name == "dynamodb":
         if not settings.dynamodb_table:
             raise UserError("the dynamodb source needs LEGAL_BATCH_DYNAMODB_TABLE (the table of records to embed); "
@@ -182,9 +186,11 @@ class WrittenBack:
         return text
 
 
-def write_back(conn: psycopg.Connection, name: str, settings: Settings, *, model: str,
+def write_back(conn: psycopg.Connection, name: str, settings: Settings, *, model: str, targets: Sequence[str] = (),
                source: Any | None = None) -> WrittenBack:
-    """Write the outcome of every record whose chunks all ended (see the module docstring)."""
+    """Write the outcome of every record whose chunks all ended (see the module docstring): SUCCESS
+    only when each chunk is done and in every further sink of `targets` (`sink_vectors`, for its
+    current text)."""
     from legal_batch.sources.base import StatusUpdate
 
     source = source or open_source(name, settings)
@@ -192,7 +198,8 @@ def write_back(conn: psycopg.Connection, name: str, settings: Settings, *, model
     report = WrittenBack()
     while True:
         rows = conn.execute(_OUTCOMES_SQL, {"source": label, "flow": FLOW, "limit": _WRITE_BACK_BATCH,
-                                            "done": ItemState.DONE, "failed": ItemState.FAILED}).fetchall()
+                                            "done": ItemState.DONE, "failed": ItemState.FAILED, "model": model,
+                                            "targets": list(targets), "n_targets": len(targets)}).fetchall()
         updates, written = [], []
         for case_id, record_id, sha, chunks, done, failure in rows:
             if failure is not None:
@@ -228,7 +235,11 @@ WITH pending AS (
 outcomes AS (
     SELECT p.case_id, p.record_id, p.text_sha256, p.chunks,
         (SELECT count(*) FROM generate_series(0, p.chunks - 1) AS n JOIN batch_items i
-          ON i.flow = %(flow)s AND i.subject_key = p.case_id::text || ':' || n.n WHERE i.state = %(done)s) AS done,
+          ON i.flow = %(flow)s AND i.subject_key = p.case_id::text || ':' || n.n WHERE i.state = %(done)s
+          AND %(n_targets)s = (SELECT count(*) FROM sink_vectors s JOIN case_chunks c ON c.case_id = s.case_id
+                               AND c.chunk_index = s.chunk_index AND c.text_sha256 = s.text_sha256
+                               WHERE s.case_id = p.case_id AND s.chunk_index = n.n AND s.model = %(model)s
+                               AND s.target = ANY(%(targets)s))) AS done,
         (SELECT min(i.last_error) FROM batch_items i WHERE i.flow = %(flow)s AND i.state = %(failed)s
           AND i.subject_key IN (SELECT 'case:' || p.case_id::text UNION ALL
                                 SELECT p.case_id::text || ':' || n FROM generate_series(0, p.chunks - 1) AS n))

@@ -6,12 +6,14 @@ text of it) each sink holds.
 - **At ingest** (`replicate(..., job_id=)`, inside the ingest transaction, after the items are
   closed): the chunks of the shard's texts are written to every further sink, then recorded. A
   chunk a sink did not store (refused, or the sink unreachable) is not done: its item goes back to
-  `retryable` naming the sink and why, and its vector leaves the vector table for the vector cache —
-  so the next run serves it from the cache (no request: the provider is never paid again for a
-  sink's failure) and writes every sink again.
-- **Before planning** (`replicate(...)` without a job): every vector a sink lacks is written
-  (a sink added later is filled; chunks served from the cache reach every sink), and vectors of
-  chunks that are gone or whose text changed are deleted from the sinks.
+  `retryable` naming the sink and why (`failed` when the sink refuses it for good, or after
+  `LEGAL_BATCH_MAX_ATTEMPTS`). Its vector stays in the vector table, so it is never requested again:
+  the next pass writes it to the sink from there and closes the item.
+- **Before planning** (`replicate(...)` without a job, batch by batch in short transactions, so a
+  long fill keeps its progress and blocks nothing): every vector a sink lacks is written (a sink
+  added later is filled; chunks served from the cache reach every sink), and vectors of chunks that
+  are gone or whose text changed are deleted from the sinks. A sink that cannot be reached is left
+  for a later pass: nothing done is undone for it.
 - **A crash** between a sink's write and the ledger's commit leaves the sink ahead of
   `sink_vectors`; ids are deterministic, so the next run writes the same ids again (upsert): no
   duplicate, nothing lost.
@@ -26,10 +28,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import psycopg
 
-from legal_batch.core import ledger, vector_cache
+from legal_batch.core import ledger
 from legal_batch.core.crash import crash_point
 from legal_batch.core.user_tables import CaseSource, VectorTable
-from legal_batch.core.vector_cache import CacheKey
 from legal_batch.sinks.base import VectorRecord, VectorSink, as_array, chunk_metadata, vector_id
 
 if TYPE_CHECKING:
@@ -57,14 +58,16 @@ class Replication:
     refused: dict[str, str] = field(default_factory=dict)
     """Chunk (`<case id>:<chunk index>`) → why a sink did not store it (the sink named)."""
     unavailable: dict[str, str] = field(default_factory=dict)
-    """Sink name → why it could not be opened (its chunks are in `refused` too)."""
+    """Sink name → why it could not be opened (at ingest its chunks are in `refused` too)."""
 
     def line(self) -> str:
         parts = [f"{count:,} vectors written to {where}" for where, count in self.written.items() if count]
         parts += [f"{count:,} deleted from {where}" for where, count in self.deleted.items() if count]
         if self.refused:
             example = next(iter(self.refused.values()))
-            parts.append(f"{len(self.refused):,} chunks not stored in every sink, left retryable (e.g. {example})")
+            parts.append(f"{len(self.refused):,} chunks not stored in every sink, not done (e.g. {example})")
+        parts += [f"the {name} sink cannot be reached ({reason}): its vectors wait for a later pass"
+                  for name, reason in self.unavailable.items()]
         return "; ".join(parts) or "every sink up to date"
 
 
@@ -111,11 +114,13 @@ def check_sinks(names: Sequence[str], *, model: str, dimensions: int, settings: 
 
 
 def replicate(conn: psycopg.Connection, *, names: Sequence[str], model: str, table: VectorTable,
-              source: CaseSource, cache: CacheKey | None, settings: Settings,
+              source: CaseSource, settings: Settings, max_attempts: int = 3,
               job_id: int | None = None) -> Replication:
-    """Bring the further sinks among `names` up to date (see the module docstring), inside the caller's
-    transaction: with `job_id`, only the chunks of that shard's texts (at ingest); without, every
-    chunk, and deletions."""
+    """Bring the further sinks among `names` up to date (see the module docstring): with `job_id`, the
+    chunks of that shard's texts, inside the caller's (ingest) transaction; without, every chunk and
+    the deletions, in transactions of its own (`conn` in autocommit)."""
+    from legal_batch.sinks.registry import sink_target
+
     report = Replication()
     names = further_sinks(names)
     if not names:
@@ -123,39 +128,51 @@ def replicate(conn: psycopg.Connection, *, names: Sequence[str], model: str, tab
     sinks, unavailable = open_sinks(names, model=model, dimensions=table.dimensions, settings=settings,
                                     strict=False)
     report.unavailable = unavailable
+    refused: dict[str, tuple[str, bool]] = {}
     try:
-        for name, reason in unavailable.items():
-            for key in _missing(conn, target=name, model=model, table=table, job_id=job_id):
-                report.refused.setdefault(key, f"not stored in the {name} sink: {reason}")
+        if job_id is not None:  # done means every sink has it: this shard's chunks wait for the sink
+            for name, reason in unavailable.items():
+                target = sink_target(name, model=model, dimensions=table.dimensions, settings=settings)
+                for key in _missing(conn, target=target, model=model, table=table, job_id=job_id):
+                    refused.setdefault(key, (f"not stored in the {name} sink: {reason}", True))
         stored: set[str] = set()
         for sink in sinks:
             written = 0
             for records in _batches(conn, sink, model=model, table=table, source=source, job_id=job_id):
-                refused = _write(sink, records)
+                failures = _write(sink, records)
                 crash_point("after_sink_write")
-                kept = [record for record in records if record.id not in refused]
-                _record(conn, sink.where, model, kept)
+                kept = [record for record in records if record.id not in failures]
+                with conn.transaction():
+                    _record(conn, sink.where, model, kept)
                 written += len(kept)
                 stored.update(record.id for record in kept)
-                for key, reason in refused.items():
-                    report.refused.setdefault(key, f"not stored in the {sink.name} sink: {reason}")
+                for key, (reason, retryable) in failures.items():
+                    refused.setdefault(key, (f"not stored in the {sink.name} sink: {reason}", retryable))
             report.written[sink.where] = written
             if job_id is None:
                 report.deleted[sink.where] = _delete_gone(conn, sink, model)
-        _settle(conn, report, stored - set(report.refused), table=table, model=model, cache=cache)
+        report.refused = {key: reason for key, (reason, _) in refused.items()}
+        with conn.transaction():
+            if refused:
+                ledger.reopen_subjects(conn, FLOW, [(key, reason) for key, (reason, retryable) in refused.items()
+                                                    if retryable], max_attempts=max_attempts)
+                ledger.fail_subjects(conn, FLOW, [(key, reason) for key, (reason, retryable) in refused.items()
+                                                  if not retryable])
+            ledger.close_reopened_subjects(conn, FLOW, sorted(stored - set(refused)))
     finally:
         for sink in sinks:
             sink.close()
     return report
 
 
-def _write(sink: VectorSink, records: list[VectorRecord]) -> dict[str, str]:
-    """Write one batch; the ids not stored → why (every id of the batch when the sink fails)."""
+def _write(sink: VectorSink, records: list[VectorRecord]) -> dict[str, tuple[str, bool]]:
+    """Write one batch; the ids not stored → (why, whether writing again may succeed); every id of the
+    batch when the sink fails as a whole (unreachable mid-write, a client error)."""
     try:
-        return {failure.id: failure.reason for failure in sink.upsert(records)}
-    except Exception as exc:  # unreachable mid-ingest, or a client error: the whole batch, the sink named
+        return {failure.id: (failure.reason, failure.retryable) for failure in sink.upsert(records)}
+    except Exception as exc:
         reason = f"{sink.where}: {_first_line(exc)}"
-        return {record.id: reason for record in records}
+        return {record.id: (reason, True) for record in records}
 
 
 def _scope(job_id: int | None) -> str:
@@ -170,44 +187,45 @@ def _scope(job_id: int | None) -> str:
 
 def _batches(conn: psycopg.Connection, sink: VectorSink, *, model: str, table: VectorTable, source: CaseSource,
              job_id: int | None) -> Iterator[list[VectorRecord]]:
-    """The chunks with a vector in the vector table that `sink` lacks (or holds for another text), with
-    their vector, text and metadata, `_BATCH` at a time."""
+    """The chunks with a vector (made from their current text) in the vector table that `sink` lacks
+    (or holds for another text), with their vector, text and metadata, `_BATCH` at a time, in key
+    order: a page per query from the last key (each its own statement, so the caller may commit
+    between pages)."""
     cases, scope, relation = source.select("id", "neutral_citation"), _scope(job_id), table.relation
-    query_sql = (
+    page_sql = (
         "SELECT c.case_id::text, c.chunk_index, e.embedding, c.chunk_text, c.chunk_type, k.neutral_citation"
         f" FROM {scope} AS c"
         f" JOIN {relation} e ON e.case_id = c.case_id AND e.chunk_index = c.chunk_index"
-        "  AND e.model = %(model)s"
+        "  AND e.model = %(model)s AND (e.text_sha256 IS NULL OR e.text_sha256 = c.text_sha256)"
         f" LEFT JOIN {cases} AS k ON k.id = c.case_id"
-        " WHERE NOT EXISTS (SELECT 1 FROM sink_vectors s WHERE s.target = %(target)s AND s.model = %(model)s"
+        " WHERE (c.case_id, c.chunk_index) > (%(after_case)s::uuid, %(after_index)s::int)"
+        "  AND NOT EXISTS (SELECT 1 FROM sink_vectors s WHERE s.target = %(target)s AND s.model = %(model)s"
         "  AND s.case_id = c.case_id AND s.chunk_index = c.chunk_index AND s.text_sha256 = c.text_sha256)"
-        " ORDER BY c.case_id, c.chunk_index")
-    with conn.cursor(name=f"replicate_{abs(hash((sink.where, job_id))) % 10**9}") as cur:
-        cur.itersize = _BATCH
-        cur.execute(query_sql, {"model": model, "target": sink.where, "job": job_id, "done": ledger.ItemState.DONE})
-        records: list[VectorRecord] = []
-        for case_id, index, vector, text, chunk_type, citation in cur:
-            records.append(VectorRecord(case_id, index, as_array(vector), text, chunk_metadata(
-                record_id=case_id, chunk_index=index, model=model, text=text, chunk_type=chunk_type,
-                citation=citation)))
-            if len(records) >= _BATCH:
-                yield records
-                records = []
-        if records:
-            yield records
+        " ORDER BY c.case_id, c.chunk_index LIMIT %(page)s")
+    after: tuple[str, int] = ("00000000-0000-0000-0000-000000000000", -1)
+    while True:
+        rows = conn.execute(page_sql, {"model": model, "target": sink.where, "job": job_id,
+                                       "done": ledger.ItemState.DONE, "after_case": after[0],
+                                       "after_index": after[1], "page": _BATCH}).fetchall()
+        if not rows:
+            return
+        yield [VectorRecord(case_id, index, as_array(vector), text, chunk_metadata(
+            record_id=case_id, chunk_index=index, model=model, text=text, chunk_type=chunk_type, citation=citation))
+            for case_id, index, vector, text, chunk_type, citation in rows]
+        after = (rows[-1][0], rows[-1][1])
 
 
 def _missing(conn: psycopg.Connection, *, target: str, model: str, table: VectorTable, job_id: int | None
              ) -> list[str]:
-    """Chunks with a vector that a sink which could not be opened does not hold (by its name: its
-    collection is unknown), at ingest those of the shard's texts."""
+    """Chunks of the shard's texts with a vector that `target` (a sink that could not be opened) does
+    not hold."""
     scope, relation = _scope(job_id), table.relation
     rows = conn.execute(
         f"SELECT c.case_id::text, c.chunk_index FROM {scope} AS c"
         f" JOIN {relation} e ON e.case_id = c.case_id AND e.chunk_index = c.chunk_index AND e.model = %(model)s"
-        " WHERE NOT EXISTS (SELECT 1 FROM sink_vectors s WHERE s.target LIKE %(prefix)s AND s.model = %(model)s"
+        " WHERE NOT EXISTS (SELECT 1 FROM sink_vectors s WHERE s.target = %(target)s AND s.model = %(model)s"
         "  AND s.case_id = c.case_id AND s.chunk_index = c.chunk_index AND s.text_sha256 = c.text_sha256)",
-        {"model": model, "job": job_id, "prefix": f"{target} %", "done": ledger.ItemState.DONE}).fetchall()
+        {"model": model, "job": job_id, "target": target, "done": ledger.ItemState.DONE}).fetchall()
     return [vector_id(case_id, index) for case_id, index in rows]
 
 
@@ -236,31 +254,11 @@ def _delete_gone(conn: psycopg.Connection, sink: VectorSink, model: str) -> int:
         sink.delete([vector_id(case_id, index) for case_id, index in rows])
     except Exception:  # the sink is unreachable: the rows stay, the next pass deletes them
         return 0
-    conn.execute(
+    conn.execute(  # (autocommit: its own transaction)
         "DELETE FROM sink_vectors s USING unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index)"
         " WHERE s.target = %s AND s.model = %s AND s.case_id = k.case_id AND s.chunk_index = k.chunk_index",
         ([r[0] for r in rows], [r[1] for r in rows], sink.where, model))
     return len(rows)
-
-
-def _settle(conn: psycopg.Connection, report: Replication, stored: set[str], *, table: VectorTable, model: str,
-            cache: CacheKey | None) -> None:
-    """Refused chunks: their items back to `retryable` with the reason; with a vector cache, their vector
-    moves from the vector table to the cache (the next run serves it from there and writes every sink).
-    Chunks every sink now holds whose item waited for a sink: `done`."""
-    if report.refused:
-        keys = sorted(report.refused)
-        case_ids = [key.rpartition(":")[0] for key in keys]
-        indexes = [int(key.rpartition(":")[2]) for key in keys]
-        relation = table.relation
-        if cache is not None:
-            vector_cache.stash(conn, cache, table=relation, case_ids=case_ids, chunk_indexes=indexes)
-            conn.execute(f"DELETE FROM {relation} e USING unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index)"
-                         " WHERE e.case_id = k.case_id AND e.chunk_index = k.chunk_index AND e.model = %s",
-                         (case_ids, indexes, model))
-        ledger.reopen_subjects(conn, FLOW, [(key, report.refused[key]) for key in keys])
-    if stored:
-        ledger.close_reopened_subjects(conn, FLOW, sorted(stored))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -299,12 +297,9 @@ class SinkVerdict:
 
 def verify_sinks(conn: psycopg.Connection, *, names: Sequence[str], table: VectorTable, settings: Settings,
                  sample: int = 200) -> list[SinkVerdict]:
-    """For every further sink named in `names` or in a shard's plan, and every model embedded: its
+    """For every further sink named in `names` (the configured ones) and every model embedded: its
     count against the ledger's done chunks, and the dimension and norm of a sample of its vectors."""
-    planned = {name for (sinks,) in conn.execute(
-        "SELECT DISTINCT params->'sinks' FROM batch_jobs WHERE flow = %s AND params ? 'sinks'", (FLOW,))
-        for name in (sinks or [])}
-    wanted = [name for name in dict.fromkeys([*further_sinks(names), *sorted(further_sinks(list(planned)))])]
+    wanted = list(dict.fromkeys(further_sinks(names)))
     relation = table.relation
     models = [row[0] for row in conn.execute(f"SELECT DISTINCT model FROM {relation} ORDER BY 1")]
     verdicts: list[SinkVerdict] = []

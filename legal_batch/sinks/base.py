@@ -88,6 +88,8 @@ class VectorSink(Protocol):
     dimensions: int
     where: str
     """The table or collection written, e.g. `case_embeddings` or `chroma:legal_batch-m-1024`."""
+    one_writer: bool
+    """Only one process may write at a time (an embedded store in a local folder): writers take turns."""
 
     def upsert(self, records: Sequence[VectorRecord]) -> list[WriteFailure]:
         """Store the records (replacing any with the same id); return those not stored, with why.

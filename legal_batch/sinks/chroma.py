@@ -80,8 +80,10 @@ def target(*, model: str, dimensions: int, settings: Settings) -> str:
 
 def open_sink(*, model: str, dimensions: int, settings: Settings, conn: psycopg.Connection | None = None
               ) -> ChromaSink:
-    return ChromaSink(client_for(settings), model=model, dimensions=dimensions,
+    sink = ChromaSink(client_for(settings), model=model, dimensions=dimensions,
                       collection=settings.chroma_collection)
+    sink.one_writer = not settings.chroma_url  # the embedded PersistentClient: one writing process at a time
+    return sink
 
 
 class ChromaSink:
@@ -89,6 +91,7 @@ class ChromaSink:
 
     name = "chroma"
     transactional = TRANSACTIONAL
+    one_writer = False
 
     def __init__(self, client: ClientAPI, *, model: str, dimensions: int, collection: str | None = None) -> None:
         from chromadb.errors import NotFoundError

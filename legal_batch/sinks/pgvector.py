@@ -61,6 +61,7 @@ class PgvectorSink:
 
     name = "pgvector"
     transactional = TRANSACTIONAL
+    one_writer = False
 
     def __init__(self, conn: psycopg.Connection, *, model: str, dimensions: int, table: str = DEFAULT_TABLE) -> None:
         self.conn = conn

@@ -103,6 +103,7 @@ class WeaviateSink:
 
     name = "weaviate"
     transactional = TRANSACTIONAL
+    one_writer = False
 
     def __init__(self, client: WeaviateClient, *, model: str, dimensions: int, collection: str | None = None,
                  owns_client: bool = False) -> None:

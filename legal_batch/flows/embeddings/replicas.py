@@ -129,6 +129,7 @@ def replicate(conn: psycopg.Connection, *, names: Sequence[str], model: str, tab
                                     strict=False)
     report.unavailable = unavailable
     refused: dict[str, tuple[str, bool]] = {}
+    locked: list[str] = []
     try:
         if job_id is not None:  # done means every sink has it: this shard's chunks wait for the sink
             for name, reason in unavailable.items():
@@ -138,6 +139,11 @@ def replicate(conn: psycopg.Connection, *, names: Sequence[str], model: str, tab
         stored: set[str] = set()
         for sink in sinks:
             written = 0
+            if sink.one_writer:  # e.g. an embedded Chroma: concurrent ingests take turns (until their commit)
+                conn.execute("SELECT pg_advisory_lock(hashtext(%s))" if job_id is None
+                             else "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"legal_batch:sink:{sink.where}",))
+                if job_id is None:
+                    locked.append(sink.where)
             for records in _batches(conn, sink, model=model, table=table, source=source, job_id=job_id):
                 failures = _write(sink, records)
                 crash_point("after_sink_write")
@@ -160,6 +166,8 @@ def replicate(conn: psycopg.Connection, *, names: Sequence[str], model: str, tab
                                                   if not retryable])
             ledger.close_reopened_subjects(conn, FLOW, sorted(stored - set(refused)))
     finally:
+        for where in locked:
+            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (f"legal_batch:sink:{where}",))
         for sink in sinks:
             sink.close()
     return report

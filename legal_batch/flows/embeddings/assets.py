@@ -90,7 +90,7 @@ def has_unchunked_cases(conn: psycopg.Connection) -> bool | str:
     settings = get_settings()
     name = check_source_name(settings.embeddings_source)
     if name is not None and (more := has_more(conn, name, settings,
-                                              rescan_after_s=max(60.0, settings.poll_interval))):
+                                              rescan_after_s=max(600.0, settings.poll_interval))):
         return more
     return unchunked_cases_exist(conn, CaseSource.from_settings(settings))
 

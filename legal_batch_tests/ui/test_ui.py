@@ -103,7 +103,7 @@ def test_shard_partitions_show_their_status_current_state_and_checks(demo):
         checks = {c["name"]: c["executionForLatestMaterialization"]["status"]
                   for c in results["assetChecksOrError"]["checks"]}
         assert checks == {"shard_items_accounted": "SUCCEEDED", "no_items_failed": "SUCCEEDED",
-                          "vectors_finite_unit_norm": "SUCCEEDED"}
+                          "vectors_finite_unit_norm": "SUCCEEDED", "vectors_in_every_sink": "SUCCEEDED"}
     assert max(table_rows) == sum(shard_rows), "Row count: the whole table once the last shard is in"
     schema = {e["label"]: e for e in results["metadataEntries"]}["dagster/column_schema"]["schema"]
     assert [c["name"] for c in schema["columns"]][:4] == ["case_id", "chunk_index", "model", "embedding"]

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 from legal_batch.core.jsonl import atomic_writer, dumps_line, iter_lines
@@ -60,10 +61,13 @@ class LocalProvider:
         expire_fraction: float | None = None,
         max_records_per_job: int = 5_000,
         parse_workers: int | None = None,
+        embed_workers: int | None = None,
     ) -> None:
         """`parse_workers`: processes that parse a large JSON-float output file (default: the CPUs
-        beyond two, see `OpenAIStyleProvider`)."""
+        beyond two, see `OpenAIStyleProvider`); `embed_workers`: processes the local model embeds a
+        large job on (default: one per CPU)."""
         self.root = root
+        self.embed_workers = embed_workers or (os.cpu_count() or 1)
         self.parse_workers = parse_workers or max(1, (os.cpu_count() or 1) - 2)
         self.dimensions = dimensions
         self.fail_rate = fail_rate
@@ -204,6 +208,7 @@ class LocalProvider:
         if self.expire_fraction is not None:
             cutoff = int(len(lines) * self.expire_fraction)
         completed = failed = 0
+        vectors = self._embed_all(lines[:cutoff], salt=job["metadata"]["shard_key"])
         with atomic_writer(folder / "output.jsonl") as out, atomic_writer(folder / "errors.jsonl") as err:
             for index, (line_no, raw) in enumerate(lines):
                 try:
@@ -226,7 +231,8 @@ class LocalProvider:
                     continue
                 request = _request_of(line)
                 try:
-                    body = self._respond(request, model=job["model"])
+                    body = (_embedding_body(vectors[index], model=job["model"]) if index in vectors
+                            else self._respond(request, model=job["model"]))
                 except local_models.Unanswerable as exc:
                     failed += 1
                     err.write(_error_line(custom_id, 400, "invalid_request", str(exc)))
@@ -239,6 +245,29 @@ class LocalProvider:
         job["status"] = "expired" if cutoff < len(lines) else "completed"
         job["finished_at"] = _now()
         self._save(job)
+
+    def _embed_all(self, lines: list[tuple[int, bytes]], *, salt: str) -> dict[int, tuple[bytes, int] | str]:
+        """The embeddings of a large job's embedding requests (line index → (vector, tokens), or why the
+        model cannot answer), computed on every core; {} for a small job (answered line by line)."""
+        if self.embed_workers < 2 or len(lines) < _POOL_FROM:
+            return {}
+        from legal_batch.core.chunk_pool import ChunkPool, WorkerDied
+
+        wanted: list[tuple[int, str]] = []
+        for index, (_, raw) in enumerate(lines):
+            try:
+                line = orjson.loads(raw)
+                body, custom_id = line.get("body") or {}, line["custom_id"]
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+                continue
+            if "input" in body and not self._fails(custom_id, salt):
+                wanted.append((index, _request_of(line).text))  # type: ignore[union-attr]
+        try:
+            with ChunkPool(self.embed_workers, sub_batch=256) as pool:
+                answers = pool.submit(_embed_one, [(text, self.dimensions) for _, text in wanted]).result()
+        except WorkerDied:  # a worker was killed: answer line by line in this process instead
+            return {}
+        return {index: answer for (index, _), answer in zip(wanted, answers, strict=True)}
 
     def _status(self, job: dict) -> JobStatus:
         counts = job.get("request_counts") or {}
@@ -253,6 +282,29 @@ class LocalProvider:
             output_location=str(folder / "output.jsonl") if done else None,
             error_location=str(folder / "errors.jsonl") if done else None,
         )
+
+
+_POOL_FROM = 2_000
+"""Embedding requests in a job from which the local model runs on every core."""
+
+
+def _embed_one(item: tuple[str, int]) -> tuple[bytes, int] | str:
+    """In a worker: one text's vector (float32 bytes: cheap to send back) and token count, or why the
+    model has no answer."""
+    text, dims = item
+    try:
+        return local_models.embed(text, dims=dims).tobytes(), count_tokens(text)
+    except local_models.Unanswerable as exc:
+        return str(exc)
+
+
+def _embedding_body(answer: tuple[bytes, int] | str, *, model: str) -> dict:
+    if isinstance(answer, str):
+        raise local_models.NoFeatures(answer)
+    vector, tokens = answer
+    return {"object": "list", "data": [{"object": "embedding", "index": 0,
+                                        "embedding": np.frombuffer(vector, dtype=np.float32).tolist()}],
+            "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def local_models_name(endpoint: Endpoint) -> str:

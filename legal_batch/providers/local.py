@@ -9,6 +9,7 @@ error) and `expire_fraction` (a job expires after that fraction of its requests)
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
@@ -262,10 +263,14 @@ class LocalProvider:
                 continue
             if "input" in body and not self._fails(custom_id, salt):
                 wanted.append((index, _request_of(line).text))  # type: ignore[union-attr]
+        pool = _POOLS.get(self.embed_workers)
+        if pool is None:  # one per process, kept: starting workers costs seconds, a job a few more
+            pool = _POOLS[self.embed_workers] = ChunkPool(self.embed_workers, sub_batch=256)
+            atexit.register(pool.close)
         try:
-            with ChunkPool(self.embed_workers, sub_batch=256) as pool:
-                answers = pool.submit(_embed_one, [(text, self.dimensions) for _, text in wanted]).result()
+            answers = pool.submit(_embed_one, [(text, self.dimensions) for _, text in wanted]).result()
         except WorkerDied:  # a worker was killed: answer line by line in this process instead
+            pool.restart()
             return {}
         return {index: answer for (index, _), answer in zip(wanted, answers, strict=True)}
 
@@ -286,6 +291,8 @@ class LocalProvider:
 
 _POOL_FROM = 2_000
 """Embedding requests in a job from which the local model runs on every core."""
+_POOLS: dict = {}
+"""The process's pool of embedding workers (by size), started for the first large job."""
 
 
 def _embed_one(item: tuple[str, int]) -> tuple[bytes, int] | str:

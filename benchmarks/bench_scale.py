@@ -11,8 +11,8 @@ From an empty throwaway database (`benchmarks.throwaway`) to searchable, with th
   plan      `core.batch.plan` (shards in the ledger)           limit: n/a
   write     every shard's request file (`write_request_file`)  limit: a bare write + fsync of the same bytes
   provider  submit, poll (the local provider embeds), download limit: n/a (a real provider's batch window)
-  parse     our parser (`iter_results`) over every output file limit: a bare `orjson.loads` + float32 array
-                                                                      of the same lines
+  parse     our parser (`iter_results`) over every output file limit: a bare `orjson.loads` + base64
+                                                                      decode of the same lines
   copy      the sink's COPY of the parsed vectors (text hashes looked up, binary COPY into the vector
             table with its key), rolled back                   limit: binary COPY of the same vectors into a
                                                                       bare table (no key, no hashes)
@@ -228,9 +228,11 @@ def stage_provider(params: dict) -> Figures:
 
 
 def stage_parse(params: dict) -> Figures:
-    """Our parser over every output file, then a bare orjson + float32 loop over the same lines."""
+    """Our parser over every output file, then a bare loop over the same lines: orjson, and the
+    vector decoded (base64, as the local provider answers our requests, or a float list)."""
     import numpy as np
     import orjson
+    import pybase64
 
     provider = _provider()
     with _conn() as conn:
@@ -245,7 +247,9 @@ def stage_parse(params: dict) -> Figures:
         with path.open("rb", buffering=MB) as handle:
             for raw in handle:
                 embedding = orjson.loads(raw)["response"]["body"]["data"][0]["embedding"]
-                bare += np.asarray(embedding, dtype=np.float32).shape[0] > 0
+                vector = (np.frombuffer(pybase64.b64decode(embedding), dtype="<f4") if type(embedding) is str
+                          else np.asarray(embedding, dtype=np.float32))
+                bare += vector.shape[0] > 0
     limit_seconds = time.perf_counter() - started
     return {"seconds": seconds, "units": vectors, "peak_rss_mb": rss, "limit_seconds": limit_seconds,
             "limit_units": bare}

@@ -128,22 +128,42 @@ def _word_pieces(text: str, start: int, end: int, max_tokens: int) -> Iterator[t
             pos += 1
 
 
-def _tail_start(text: str, start: int, end: int, overlap_tokens: int) -> int:
-    """Where the last `overlap_tokens` tokens of `text[start:end]` begin."""
+def _tail_start(text: str, start: int, end: int, tokens: list[int], units: list[_Unit], overlap_tokens: int) -> int:
+    """Where the last `overlap_tokens` of `tokens` (the tokens of `text[start:end]`, a chunk made of
+    `units`) begin, moved on to the first sentence start after it (else the first word start)."""
     if overlap_tokens <= 0:
         return end
-    piece = text[start:end]
-    enc = encoding("cl100k_base")
-    tokens = enc.encode_ordinary(piece)
     if len(tokens) <= overlap_tokens:
         return start
     # bytes of the last `overlap_tokens` tokens → where they start in characters (cheaper than
     # decoding offsets for the whole piece)
-    tail_bytes = sum(len(enc.decode_single_token_bytes(t)) for t in tokens[-overlap_tokens:])
-    raw = piece.encode("utf-8")
+    enc = encoding("cl100k_base")
+    tail_bytes = len(enc.decode_bytes(tokens[-overlap_tokens:]))
+    raw = text[start:end].encode("utf-8")
     tail = start + len(raw[: len(raw) - tail_bytes].decode("utf-8", errors="ignore"))
-    sentence = sentence_start(text, tail, end)
+    sentence = _sentence_start(text, tail, end, units)
     return sentence if sentence is not None else word_start(text, tail, end)
+
+
+def _sentence_start(text: str, pos: int, end: int, units: list[_Unit]) -> int | None:
+    """The first sentence or paragraph start in `text[pos:end]`, found in the chunk's own units
+    (paragraphs, or runs of whole sentences) where `pos` lies in them."""
+    if not units or pos < units[0].start:
+        return sentence_start(text, pos, end)  # in the chunk's own overlap: look the paragraphs up
+    for n, unit in enumerate(units):
+        if unit.start >= pos:
+            return unit.start
+        if unit.end <= pos:
+            continue
+        window = max(unit.start, pos - 300)
+        if window > unit.start:
+            space = text.find(" ", window, pos)
+            window = space + 1 if space != -1 else window
+        for s, _ in sentences(text, window, unit.end):
+            if s >= pos:
+                return s
+        return units[n + 1].start if n + 1 < len(units) else None
+    return None
 
 
 def chunk_text(text: str, *, max_tokens: int = 512, overlap_tokens: int = 64) -> list[Chunk]:
@@ -164,16 +184,21 @@ def _chunks(text: str, *, max_tokens: int, overlap_tokens: int) -> list[Chunk]:
     chunks: list[Chunk] = []
     group: list[_Unit] = []
     budget = max_tokens
+    last_tokens: list[int] = []
+    last_units: list[_Unit] = []
+    """The tokens and units of the last chunk made (its tail starts the next one)."""
 
     def flush() -> None:
-        nonlocal group, budget
+        nonlocal group, budget, last_tokens, last_units
         if not group:
             return
         start = group[0].start
         if chunks and overlap_tokens:
-            start = min(start, _tail_start(text, chunks[-1].char_start, chunks[-1].char_end, overlap_tokens))
+            start = min(start, _tail_start(text, chunks[-1].char_start, chunks[-1].char_end, last_tokens,
+                                           last_units, overlap_tokens))
         end = group[-1].end
         body = text[start:end]
+        last_tokens = enc.encode_ordinary(body)
         chunks.append(
             Chunk(
                 chunk_index=len(chunks),
@@ -181,10 +206,10 @@ def _chunks(text: str, *, max_tokens: int, overlap_tokens: int) -> list[Chunk]:
                 text=body,
                 char_start=start,
                 char_end=end,
-                token_count=len(enc.encode_ordinary(body)),
+                token_count=len(last_tokens),
             )
         )
-        group = []
+        last_units, group = group, []
         budget = max_tokens - overlap_tokens
 
     for unit in _units(text, max_tokens - overlap_tokens):

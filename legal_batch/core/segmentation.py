@@ -392,8 +392,9 @@ def _prose(text: str) -> bool:
     return len(sentences(text)) >= 2
 
 
-def _words(text: str) -> int:
-    return len(text.split())
+def _at_most(text: str, words: int) -> bool:
+    """Whether `text` has at most `words` words (splits no further than that: paragraphs are long)."""
+    return len(text.split(None, words)) <= words
 
 
 def is_heading(paragraph: str) -> bool:
@@ -405,7 +406,7 @@ def is_concurrence(paragraph: str) -> bool:
     """A closing line recording agreement (`COOK, P.J., and KNECHT, J., concur.`, `In this opinion the
     other judges concurred.`) or a judge's absence (`JUSTICE GORSUCH took no part in the decision`)."""
     text = paragraph.strip()
-    return (_words(text) <= 30 and bool(_CONCUR_LINE.search(text)) and not _SEPARATE_OPINION.search(text)
+    return (_at_most(text, 30) and bool(_CONCUR_LINE.search(text)) and not _SEPARATE_OPINION.search(text)
             and bool(_JUDGE_MARK.search(text.split("\n", 1)[0]) or _PANEL.search(text)))
 
 
@@ -414,19 +415,25 @@ def opens_separate_opinion(paragraph: str) -> bool:
     text = paragraph.strip()
     if _SEPARATE_OPENING.match(text):
         return True
-    return _words(text) <= 30 and bool(_JUDGE_MARK.search(text.split("\n", 1)[0])) and bool(_SEPARATE_OPINION.search(text))
+    return _at_most(text, 30) and bool(_JUDGE_MARK.search(text.split("\n", 1)[0])) and bool(_SEPARATE_OPINION.search(text))
 
 
 def is_judge_line(paragraph: str) -> bool:
     """An opinion's author line (`LAVINE, J.`), a concurrence line or the opening of a separate opinion."""
     text = paragraph.strip()
-    return is_concurrence(text) or opens_separate_opinion(text) or (_words(text) <= 40 and _opinion_line(text))
+    return is_concurrence(text) or opens_separate_opinion(text) or (_at_most(text, 40) and _opinion_line(text))
+
+
+_MARKERS = re.compile(r"\[\d+\]|\*+")
 
 
 def is_disposition(paragraph: str) -> bool:
     """A short paragraph giving the outcome: `Affirmed.`, `It is so ordered.`, `The judgment is reversed.`"""
-    text = re.sub(r"\[\d+\]|\*+", "", paragraph).strip()
-    return _words(text) <= 40 and bool(_DISPOSITION.match(text))
+    markers = paragraph.count("[") + paragraph.count("*")  # removing them removes at most as many words
+    if not _at_most(paragraph, 40 + markers):
+        return False
+    text = _MARKERS.sub("", paragraph).strip()
+    return _at_most(text, 40) and bool(_DISPOSITION.match(text))
 
 
 class SectionTracker:
@@ -455,6 +462,10 @@ class SectionTracker:
         first_line = text.split("\n", 1)[0].strip()
         if has_cjk(text[:40]) and (kind := self._chinese(text)) is not None:
             return kind
+        if self.started and not _at_most(text, 40 + text.count("[") + text.count("*")):
+            # running prose (no heading, judge, concurrence or disposition line is this long); only a
+            # separate opinion may open in it
+            return self._enter("reasoning") if _SEPARATE_OPENING.match(text) else self.section
         words = heading_words(text)
         if words is not None:
             return self._heading(words, text)
@@ -464,7 +475,7 @@ class SectionTracker:
             return self._enter("reasoning") if self.started else self.section  # a concurrence or dissent begins
         if _DELIVERED.match(text) and not self.started and (not self._syllabus or text.startswith(("JUSTICE", "CHIEF"))):
             return self._enter("body")  # "JUSTICE BREYER delivered the opinion of the Court. A federal statute ..."
-        if _opinion_line(first_line) and _words(text) <= 40:
+        if _opinion_line(first_line) and _at_most(text, 40):
             if not self.started and not (self._syllabus and "delivered the" in text):
                 return self._enter("body")
             return self.section

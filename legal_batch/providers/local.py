@@ -3,7 +3,9 @@
 It goes through the same asynchronous lifecycle as a real batch API: a job is created
 (`validating`), moves to `in_progress` on the next poll, and is processed on the poll after that
 (`completed`, or `expired` with partial output), writing output and error files in the OpenAI
-formats. Failure injection: `fail_rate` (a deterministic fraction of requests fail with a server
+formats. Embedding requests ask for `encoding_format: "base64"`, as the OpenAI provider's do, and
+each line is answered in the format it asks for (`float`, the API's default, when it names none).
+Failure injection: `fail_rate` (a deterministic fraction of requests fail with a server
 error) and `expire_fraction` (a job expires after that fraction of its requests).
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pybase64
 
 from legal_batch.core.jsonl import atomic_writer, dumps_line, iter_lines
 from legal_batch.core.tokens import count_tokens
@@ -86,7 +89,8 @@ class LocalProvider:
 
     # -- request files ---------------------------------------------------------------------------
     def format_line(self, request: Request, *, endpoint: Endpoint, model: str) -> bytes:
-        return openai_format.request_line(request, endpoint=endpoint, model=model, dimensions=self.dimensions)
+        return openai_format.request_line(request, endpoint=endpoint, model=model, dimensions=self.dimensions,
+                                          encoding_format="base64")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _dir(self, job_id: str) -> Path:
@@ -231,9 +235,15 @@ class LocalProvider:
                     err.write(_error_line(custom_id, 500, "server_error", "injected failure"))
                     continue
                 request = _request_of(line)
+                encoding = (line.get("body") or {}).get("encoding_format")
                 try:
-                    body = (_embedding_body(vectors[index], model=job["model"]) if index in vectors
-                            else self._respond(request, model=job["model"]))
+                    if index in vectors:
+                        body = _embedding_body(vectors[index], model=job["model"], base64=encoding == "base64")
+                    else:
+                        body = self._respond(request, model=job["model"])
+                        if encoding == "base64" and "data" in body:
+                            for data in body["data"]:
+                                data["embedding"] = _base64(np.asarray(data["embedding"], dtype="<f4").tobytes())
                 except local_models.Unanswerable as exc:
                     failed += 1
                     err.write(_error_line(custom_id, 400, "invalid_request", str(exc)))
@@ -300,18 +310,24 @@ def _embed_one(item: tuple[str, int]) -> tuple[bytes, int] | str:
     model has no answer."""
     text, dims = item
     try:
-        return local_models.embed(text, dims=dims).tobytes(), count_tokens(text)
+        return local_models.embed(text, dims=dims).astype("<f4", copy=False).tobytes(), count_tokens(text)
     except local_models.Unanswerable as exc:
         return str(exc)
 
 
-def _embedding_body(answer: tuple[bytes, int] | str, *, model: str) -> dict:
+def _embedding_body(answer: tuple[bytes, int] | str, *, model: str, base64: bool) -> dict:
     if isinstance(answer, str):
         raise local_models.NoFeatures(answer)
     vector, tokens = answer
     return {"object": "list", "data": [{"object": "embedding", "index": 0,
-                                        "embedding": np.frombuffer(vector, dtype=np.float32).tolist()}],
+                                        "embedding": _base64(vector) if base64
+                                        else np.frombuffer(vector, dtype=np.float32).tolist()}],
             "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _base64(vector: bytes) -> str:
+    """An embedding as the API's `base64` format gives it: its little-endian float32 bytes, encoded."""
+    return pybase64.b64encode(vector).decode("ascii")
 
 
 def local_models_name(endpoint: Endpoint) -> str:

@@ -30,6 +30,7 @@ from legal_batch.providers.base import BatchProvider
 from legal_batch.providers.bedrock import BedrockProvider
 from legal_batch.providers.local import LocalProvider
 from legal_batch.providers.openai import OpenAIProvider
+from legal_batch.providers.openai_format import decode_base64_vector
 
 SHARD_ITEMS = 6
 BOM = b"\xef\xbb\xbf"
@@ -166,9 +167,18 @@ class ShardPool:
         vectors = {}
         for line in (folder / "output.jsonl").read_bytes().splitlines():
             obj = orjson.loads(line)
-            vectors[obj["custom_id"]] = obj["response"]["body"]["data"][0]["embedding"]
+            vectors[obj["custom_id"]] = floats(obj["response"]["body"]["data"][0]["embedding"])
         assert sorted(vectors) == sorted(ids)
         return Shard(job, ids, vectors, self.foreign)
+
+
+def floats(embedding: str | list[float]) -> list[float]:
+    """An answer's vector as a list of floats (the OpenAI format's `base64` decoded)."""
+    if isinstance(embedding, str):
+        decoded = decode_base64_vector(embedding)
+        assert not isinstance(decoded, str), decoded
+        return decoded.tolist()
+    return embedding
 
 
 # -- the cases ----------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def test_hostile_output_lines_fail_only_their_items(lb_env, conn, dagster_instan
     short = orjson.loads(lines[1])
     short["response"]["body"]["data"][0]["embedding"] = [0.1] * 512
     strings = orjson.loads(lines[2])
-    strings["response"]["body"]["data"][0]["embedding"][5] = "zero point one"
+    strings["response"]["body"]["data"][0]["embedding"] = [0.03] * 5 + ["zero point one"] + [0.03] * 1018
     stranger = orjson.loads(lines[3])
     stranger["custom_id"] = "chunk-not-ours"
     hostile = [lines[0][: len(lines[0]) // 2], orjson.dumps(short), orjson.dumps(strings), orjson.dumps(stranger)]

@@ -17,9 +17,10 @@
    whose text was not there before, counted from the tables (they must be equal);
    `change_pass_s` and `change_pass_mb_per_s` are a chunking pass over the unchanged corpus (hashing
    every judgment in Postgres): what finding the edits costs each run.
-3. ingest: one shard of `--ingest-cases` (600) demo judgments ingested with the cache filled (the
-   flow knows its provider, as in the pipeline) and without, `--repeat` (2) times each, fastest
-   counts: `ingest_with_vs_without_cache` is what writing each vector a second time costs.
+3. ingest: one shard of `--ingest-cases` (600) demo judgments ingested with the cache (the flow
+   knows its provider, as in the pipeline) and without, `--repeat` (2) times each, fastest counts:
+   `ingest_with_vs_without_cache` is what the cache costs at ingest (a vector is written once, in the
+   vector table; the cost is serving the chunks of the same texts).
 
 Runs in this process on a throwaway database of the embedded server under `.legal_batch/bench`
 (dropped at the end), through the same functions the assets call (`sync_chunks`, the vector cache,
@@ -228,7 +229,7 @@ def run_change(bench: Bench, args: argparse.Namespace) -> Figures:
 
 
 def run_ingest(bench: Bench, args: argparse.Namespace) -> Figures:
-    """What filling the cache costs at ingest: one shard of `--ingest-cases` demo judgments ingested
+    """What the cache costs at ingest: one shard of `--ingest-cases` demo judgments ingested
     with the cache (the flow knows its provider) and without, alternately, `--repeat` times each; the
     fastest of each counts."""
     from dataclasses import replace

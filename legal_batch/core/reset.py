@@ -4,8 +4,9 @@ cancelled, then its ledger rows and results go in one transaction.
 - embeddings: ledger rows, chunks (and their recorded text hashes), vectors in the vector table
   (all of it when the table is ours; in a table of yours, only the models this flow wrote), the
   record of what the cache saved and of what further sinks (Chroma, Weaviate) hold — their vectors
-  stay and the next run writes every chunk to them again (same ids: replaced); the vector cache
-  itself only when asked (`cache`).
+  stay and the next run writes every chunk to them again (same ids: replaced). The vectors go to
+  the vector cache first (`vector_cache.stash_table`: a vector table emptied is the cache's first
+  part gone), so the next run pays for none of them; with `cache` the vector cache goes too.
 - headnotes: ledger rows, and the headnotes this flow wrote (`case_headnotes`) cleared from the
   source's headnote column; headnotes loaded with the cases stay.
 - template: ledger rows and the staged runs (rows, results); output files already written stay.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import psycopg
 
-from legal_batch.core import ledger
+from legal_batch.core import ledger, vector_cache
 from legal_batch.core.batch import output_dir, request_file_path
 from legal_batch.core.errors import UserError
 from legal_batch.core.user_tables import CaseSource, VectorTable
@@ -111,7 +112,10 @@ def plan_reset(conn: psycopg.Connection, flow: str, *, cache: bool = False, sour
         plan.vector_models = _models(conn)
         plan.vectors = _count(conn, f"SELECT count(*) FROM {table.relation} WHERE %s OR model = ANY(%s::text[])",
                               plan.whole_table, plan.vector_models)
-        plan.cache_vectors = _count(conn, "SELECT count(*) FROM vector_cache")
+        plan.cache_vectors = _count(  # what the cache holds after the reset, unless --cache: its own and the table's
+            conn, "SELECT count(*) FROM (SELECT model, text_sha256 FROM vector_cache UNION SELECT model, text_sha256"
+            f" FROM {table.relation} WHERE text_sha256 IS NOT NULL AND model = ANY(%s::text[])) AS kept",
+            plan.vector_models)
     elif flow == "headnotes":
         plan.source = source.name
         plan.headnotes = _count(conn, "SELECT count(*) FROM case_headnotes")
@@ -166,10 +170,15 @@ def apply_reset(conn: psycopg.Connection, plan: ResetPlan, *, source: CaseSource
             raise UserError(f"another process planned or submitted {flow} work while the reset was being confirmed; "
                             "nothing was removed: stop it (the Dagster daemon, another run) and run the reset again",
                             exit_code=1)
+        makers = _providers_of_models(conn) if flow == "embeddings" else []  # read before the jobs go
         removed["items"] = conn.execute("DELETE FROM batch_items WHERE flow = %s", (flow,)).rowcount
         removed["jobs"] = conn.execute("DELETE FROM batch_jobs WHERE flow = %s", (flow,)).rowcount
         if flow == "embeddings":
             relation = table.relation
+            if not plan.cache:
+                for provider, model in makers:
+                    vector_cache.stash_table(conn, vector_cache.CacheKey(provider, model, table.dimensions),
+                                             table=relation)
             removed["vectors"] = conn.execute(
                 f"DELETE FROM {relation} WHERE %s OR model = ANY(%s::text[])",
                 (plan.whole_table, plan.vector_models)).rowcount
@@ -206,6 +215,13 @@ def _models(conn: psycopg.Connection) -> list[str]:
     return [model for (model,) in conn.execute(
         "SELECT model FROM batch_jobs WHERE flow = 'embeddings' UNION SELECT model FROM cache_savings"
         " WHERE flow = 'embeddings' ORDER BY 1")]
+
+
+def _providers_of_models(conn: psycopg.Connection) -> list[tuple[str, str]]:
+    """(provider, model) of every model the embeddings flow wrote vectors of."""
+    return conn.execute(
+        "SELECT provider, model FROM batch_jobs WHERE flow = 'embeddings' UNION SELECT provider, model"
+        " FROM cache_savings WHERE flow = 'embeddings' ORDER BY 1, 2").fetchall()
 
 
 def _count(conn: psycopg.Connection, sql: str, *params: object) -> int:

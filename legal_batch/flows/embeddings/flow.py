@@ -125,7 +125,7 @@ def sync_chunks(conn: psycopg.Connection, *, max_tokens: int, overlap_tokens: in
     source = source or CaseSource()
     table = table or VectorTable()
     result = ChunkSync()
-    result.removed_cases, deferred_removals = _remove_deleted_cases(conn, source, table)
+    result.removed_cases, deferred_removals = _remove_deleted_cases(conn, source, table, cache)
     result.deferred += deferred_removals
     clause = (f" AND k.id IN (SELECT id FROM {source.select('id')} AS s ORDER BY id LIMIT %(limit)s)"
               if limit_cases is not None else "")
@@ -457,9 +457,11 @@ def _remove_chunks(conn: psycopg.Connection, keys: list[tuple[str, int]], *, tab
     ledger.forget_subjects(conn, FLOW, [f"{case_id}:{index}" for case_id, index in keys])
 
 
-def _remove_deleted_cases(conn: psycopg.Connection, source: CaseSource, table: VectorTable) -> tuple[int, int]:
-    """Chunks, vectors and closed items of cases no longer in the source: (cases removed, deferred
-    because a chunk is in flight). Nothing when the source is empty."""
+def _remove_deleted_cases(conn: psycopg.Connection, source: CaseSource, table: VectorTable,
+                          cache: CacheKey | None) -> tuple[int, int]:
+    """Chunks, vectors and closed items of cases no longer in the source (their vectors kept in the
+    vector cache: a case imported again takes them back): (cases removed, deferred because a chunk is
+    in flight). Nothing when the source is empty."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHUNK_LOCK,))
         ledger.lock_planning(conn, FLOW)
@@ -476,7 +478,7 @@ def _remove_deleted_cases(conn: psycopg.Connection, source: CaseSource, table: V
         if removed:
             keys = conn.execute("SELECT case_id::text, chunk_index FROM case_chunks WHERE case_id = ANY(%s::uuid[])",
                                 (removed,)).fetchall()
-            _remove_chunks(conn, [(case_id, index) for case_id, index in keys], table=table, cache=None)
+            _remove_chunks(conn, [(case_id, index) for case_id, index in keys], table=table, cache=cache)
             conn.execute("DELETE FROM chunked_cases WHERE case_id = ANY(%s::uuid[])", (removed,))
             ledger.forget_subjects(conn, FLOW, [case_subject(case_id) for case_id in removed])
     return len(removed), len(missing) - len(removed)
@@ -665,8 +667,9 @@ class EmbeddingSink:
     encodes the whole block as binary COPY tuples with numpy (no per-row Python work) and, when none
     of the block's keys has a row yet (the usual first ingest), COPYs it straight into the vector
     table (`table`); otherwise into a staging table followed by an upsert, so re-ingest stays an
-    upsert. With a `cache` key it then caches the block's vectors (`vector_cache.fill`), and `finish`
-    gives chunks of the same texts waiting for them (duplicates not requested) their vector from it.
+    upsert. The vector table is the vector cache's first part (a vector is written once, with the
+    hash of its text); with a `cache` key `finish` gives chunks of the same texts waiting for them
+    (duplicates not requested) their vector (`vector_cache.serve`).
     Nothing else may write the same keys in the meantime (the ledger gives each chunk to one open
     job): a concurrent writer of the same key would make the COPY fail with a unique violation,
     rolling back the whole ingest, never half of it.
@@ -764,9 +767,7 @@ class EmbeddingSink:
                         self.rows += self._copy(cur, self.table, block, case_ids, chunk_indexes,
                                                 model=self.model, hashes=hashes, half=self.half)
                     if self.cache is not None and hashes is not None:
-                        vector_cache.fill(self.conn, self.cache, table=self.table, case_ids=case_ids,
-                                          chunk_indexes=chunk_indexes)
-                        self._hashes.update(hashes)
+                        self._hashes.update(hashes)  # `finish` serves chunks of the same texts
                 self._spare.put(block)
         except BaseException as exc:  # surfaced to the caller in accept() or finish()
             self._error = exc

@@ -67,6 +67,10 @@ def verify_cli() -> tuple[int, str]:
 
     get_settings(fresh=True)
     result = CliRunner().invoke(app, ["verify"])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):  # shown in the failure
+        import traceback
+
+        return result.exit_code, result.output + "".join(traceback.format_exception(result.exception))
     return result.exit_code, result.output
 
 

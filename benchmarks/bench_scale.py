@@ -261,11 +261,13 @@ def _parsed_blocks(conn, block: int = 2_000):
     import numpy as np
 
     provider = _provider()
-    subjects = dict(conn.execute("SELECT custom_id, subject_key FROM batch_items WHERE flow = 'embeddings'").fetchall())
     case_ids: list[str] = []
     indexes: list[int] = []
     vectors = np.empty((block, 1024), dtype=np.float32)
-    for _, paths in _outputs(conn):
+    for shard_key, paths in _outputs(conn):
+        subjects = dict(conn.execute(  # one shard's at a time: memory stays that of a shard
+            "SELECT i.custom_id, i.subject_key FROM batch_items i JOIN batch_jobs j ON j.id = i.job_id"
+            " WHERE j.shard_key = %s", (shard_key,)).fetchall())
         for result in provider.iter_results(paths, endpoint="embeddings"):
             if result.vector is None:
                 continue

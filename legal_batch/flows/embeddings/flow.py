@@ -1,7 +1,7 @@
 """The embeddings flow's own logic: chunk judgments (again when their text changed), name candidate
 chunks (one request per distinct text, none for a text in flight or in the vector cache), request
-lines, and the pgvector sink (binary COPY through a staging table, then upsert), overlapped with
-parsing, which also fills the vector cache.
+lines, and the pgvector sink (binary COPY, through a staging table and an upsert when rows exist),
+overlapped with parsing; the vector table it writes is the vector cache's first part.
 
 Cases come from the source the settings name (`core.user_tables.CaseSource`: the built-in
 `court_cases` by default) and vectors go to the vector table they name (`VectorTable`:

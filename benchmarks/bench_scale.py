@@ -298,7 +298,7 @@ def stage_copy(params: dict) -> Figures:
         conn.execute(f"CREATE TEMP TABLE bare_copy (case_id uuid, chunk_index int, embedding {table.column_type})")
         with conn.transaction(force_rollback=True), conn.cursor() as cur:
             for case_ids, indexes, block in _parsed_blocks(conn):
-                hashes = EmbeddingSink._text_hashes(cur, case_ids, indexes)
+                hashes, _ = EmbeddingSink._block_facts(cur, case_ids, indexes, table=table.relation, model=model)
                 started = time.perf_counter()
                 EmbeddingSink._copy(cur, table.relation, block, case_ids, indexes, model=model, hashes=hashes,
                                     half=half)

@@ -662,10 +662,11 @@ class EmbeddingSink:
     """Validates vectors and writes them with binary COPY, `_COPY_BATCH` rows at a time, in a writer
     thread so that database work overlaps result parsing.
 
-    Accepted vectors are copied into a float32 block; the writer looks up the text hash of the
-    block's chunks (stored with each vector: `legal-batch verify` compares it with the source),
-    encodes the whole block as binary COPY tuples with numpy (no per-row Python work) and, when none
-    of the block's keys has a row yet (the usual first ingest), COPYs it straight into the vector
+    Accepted vectors are copied into a float32 block; the writer looks up, in one statement, the text
+    hashes of the block's chunks (stored with each vector: `legal-batch verify` compares it with the
+    source) and whether any of its keys has a row, encodes the whole block as binary COPY tuples with
+    numpy (no per-row Python work) and, when none of the block's keys has a row yet (the usual first
+    ingest), COPYs it straight into the vector
     table (`table`); otherwise into a staging table followed by an upsert, so re-ingest stays an
     upsert. The vector table is the vector cache's first part (a vector is written once, with the
     hash of its text); with a `cache` key `finish` gives chunks of the same texts waiting for them
@@ -749,8 +750,9 @@ class EmbeddingSink:
             while (batch := self._queue.get()) is not None:
                 block, case_ids, chunk_indexes = batch
                 with self.conn.cursor() as cur:
-                    hashes = self._text_hashes(cur, case_ids, chunk_indexes)
-                    if self._any_exists(cur, case_ids, chunk_indexes):
+                    hashes, exists = self._block_facts(cur, case_ids, chunk_indexes, table=self.table,
+                                                       model=self.model)
+                    if exists:
                         self._copy(cur, "stage_embeddings", block, case_ids, chunk_indexes, model=None,
                                    hashes=hashes, half=self.half)
                         table, clause = self.table, ", created_at = now()" if self._created_at else ""
@@ -775,23 +777,20 @@ class EmbeddingSink:
                 pass
 
     @staticmethod
-    def _text_hashes(cur: psycopg.Cursor, case_ids: list[str], chunk_indexes: list[int]) -> list[str] | None:
-        """The chunks' text hashes in block order; None if a chunk is missing (then none is stored)."""
-        found = {(str(case_id), index): sha for case_id, index, sha in cur.execute(
-            "SELECT c.case_id, c.chunk_index, c.text_sha256 FROM case_chunks c"
-            " JOIN unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index) USING (case_id, chunk_index)",
-            (case_ids, chunk_indexes)).fetchall()}
-        hashes = [found.get((case_id, index)) for case_id, index in zip(case_ids, chunk_indexes, strict=True)]
-        return None if any(sha is None or len(sha) != 64 for sha in hashes) else hashes  # type: ignore[return-value]
-
-    def _any_exists(self, cur: psycopg.Cursor, case_ids: list[str], chunk_indexes: list[int]) -> bool:
-        table = self.table
-        return bool(cur.execute(
-            f"SELECT EXISTS (SELECT 1 FROM {table} e"
-            " JOIN unnest(%s::uuid[], %s::int[]) AS k (case_id, chunk_index) USING (case_id, chunk_index)"
-            " WHERE e.model = %s)",
-            (case_ids, chunk_indexes, self.model),
-        ).fetchone()[0])
+    def _block_facts(cur: psycopg.Cursor, case_ids: list[str], chunk_indexes: list[int], *, table: str,
+                     model: str) -> tuple[list[str] | None, bool]:
+        """In one statement: the block's text hashes in block order (None if a chunk is missing: then
+        none is stored) and whether any of its keys already has a row (then the block is upserted)."""
+        hashes, exists = cur.execute(
+            "SELECT array_agg(c.text_sha256 ORDER BY k.n), coalesce(bool_or(e.case_id IS NOT NULL), false)"
+            " FROM unnest(%s::uuid[], %s::int[]) WITH ORDINALITY AS k (case_id, chunk_index, n)"
+            " LEFT JOIN case_chunks c ON c.case_id = k.case_id AND c.chunk_index = k.chunk_index"
+            f" LEFT JOIN {table} e ON e.case_id = k.case_id AND e.chunk_index = k.chunk_index"
+            "  AND e.model = %s",
+            (case_ids, chunk_indexes, model),
+        ).fetchone()
+        complete = hashes is not None and all(sha is not None and len(sha) == 64 for sha in hashes)
+        return (hashes if complete else None), bool(exists)
 
     @staticmethod
     def _copy(cur: psycopg.Cursor, table: str, block: np.ndarray, case_ids: list[str], chunk_indexes: list[int],

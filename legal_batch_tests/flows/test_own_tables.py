@@ -329,3 +329,27 @@ def test_a_database_migrated_before_our_schema_keeps_its_data(pg_admin_url, tmp_
     finally:
         with psycopg.connect(pg_admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_a_reset_halfvec_table_gives_its_vectors_to_the_cache_and_the_next_run_requests_none(
+        lb_env, conn, dagster_instance, monkeypatch, capsys):
+    """halfvec vectors go to the cache (float32) on reset and come back as halfvec, bit for bit."""
+    from legal_batch.core.seed import seed_demo_cases
+
+    monkeypatch.setenv("LEGAL_BATCH_EMBEDDINGS_STORAGE", "halfvec")
+    get_settings(fresh=True)
+    seed_demo_cases(conn, cases=2)
+    run(dagster_instance, "embeddings")
+    before = dict(conn.execute("SELECT text_sha256, embedding::text FROM case_embeddings").fetchall())
+    requests = scalar(conn, "SELECT sum(request_count) FROM batch_jobs")
+
+    code, _, err = run_main(capsys, monkeypatch, "reset", "--flow", "embeddings", "--yes",
+                            LEGAL_BATCH_EMBEDDINGS_STORAGE="halfvec")
+    assert code == 0, err
+    assert scalar(conn, "SELECT count(*) FROM case_embeddings") == 0
+    assert scalar(conn, "SELECT count(*) FROM vector_cache") == len(before)
+
+    run(dagster_instance, "embeddings")
+    assert scalar(conn, "SELECT count(*) FROM batch_jobs") == 0, "every vector came back from the cache"
+    after = dict(conn.execute("SELECT text_sha256, embedding::text FROM case_embeddings").fetchall())
+    assert after == before and requests > 0

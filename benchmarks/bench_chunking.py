@@ -26,7 +26,6 @@ recorded); nothing here is a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import throwaway  # noqa: E402
 from benchmarks.bench_embeddings import Bench, peak_rss_mb  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "chunking.json"
@@ -151,25 +151,17 @@ def report(figures: Figures) -> None:
           f"ratio={figures['ratio']} speedup={figures['tokenizer_speedup']}")
     for name, value in figures.items():
         print(f"{name}={value}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
+    throwaway.write_results(RESULTS, figures)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = throwaway.parser(__doc__ or "", STAGES)
     parser.add_argument("--cases", type=int, default=3_000, help="demo judgments to chunk")
     parser.add_argument("--workers", type=int, default=None, help="the pool's size (default: one per CPU)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the fastest counts")
-    parser.add_argument("--keep", action="store_true", help="keep the database and home (for debugging)")
-    parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
-    parser.add_argument("--params", default="{}", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.stage:
-        Path(args.out).write_text(json.dumps(STAGES[args.stage](json.loads(args.params))))
-        return
-    report(run(args))
+    if not throwaway.ran_stage(args, STAGES):
+        report(run(args))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # a stage runs this file as a script from the bench home
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import throwaway  # noqa: E402
 from benchmarks.bench_embeddings import Bench, log, peak_rss_mb, rate  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "import.json"
@@ -236,28 +237,18 @@ def run(args: argparse.Namespace) -> Figures:
 def report(figures: Figures) -> None:
     for name, value in figures.items():
         print(f"{name}={value}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
-    log(f"figures written to {RESULTS}")
+    throwaway.write_results(RESULTS, figures)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = throwaway.parser(__doc__ or "", STAGES)
     parser.add_argument("--mb", type=float, default=300, help="size of the large generated file, MB")
     parser.add_argument("--small-mb", type=float, default=60, help="size of the small file (peak RSS comparison), MB")
     parser.add_argument("--formats", default="jsonl,cap", help="comma-separated subset of jsonl,cap")
     parser.add_argument("--corpus", type=Path, default=CORPUS, help="folder with us_opinions.jsonl, zh_judgments.jsonl")
-    parser.add_argument("--keep", action="store_true", help="keep the database and home (for debugging)")
-    parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
-    parser.add_argument("--params", default="{}", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.stage:
-        figures = STAGES[args.stage](json.loads(args.params))
-        Path(args.out).write_text(json.dumps(figures))
-        return
-    report(run(args))
+    if not throwaway.ran_stage(args, STAGES):
+        report(run(args))
 
 
 if __name__ == "__main__":

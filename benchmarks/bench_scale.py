@@ -39,7 +39,6 @@ search in the first table. Figures also go to `benchmarks/results/scale.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -504,28 +503,20 @@ def _report_lines(stages: dict[str, dict], limits: dict[str, dict], figures: Fig
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = throwaway.parser(__doc__ or "", STAGES)
     parser.add_argument("--cases", type=int, default=3_000, help="demo cases to run through the lifecycle")
     parser.add_argument("--storage", choices=("vector", "halfvec"), default="vector",
                         help="the vector table's storage type (LEGAL_BATCH_EMBEDDINGS_STORAGE)")
     parser.add_argument("--compare-storage", action="store_true",
                         help="also copy the vectors into a table of the other storage type and measure its index")
     parser.add_argument("--queries", type=int, default=50, help="query vectors for recall@10 and the search rates")
-    parser.add_argument("--keep", action="store_true", help="keep the database and home (for debugging)")
-    parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
-    parser.add_argument("--params", default="{}", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.stage:
-        Path(args.out).write_text(json.dumps(STAGES[args.stage](json.loads(args.params))))
+    if throwaway.ran_stage(args, STAGES):
         return
     lines, figures = run(args)
     for line in lines:
         print(line, flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
-    log(f"figures written to {RESULTS}")
+    throwaway.write_results(RESULTS, figures)
 
 
 if __name__ == "__main__":

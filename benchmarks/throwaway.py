@@ -5,10 +5,12 @@ starts (or joins) the embedded Postgres + pgvector under `.legal_batch/bench`, c
 `lb_bench_<random>_<suffix>` on it and a temporary `LEGAL_BATCH_HOME`, runs each measured stage in a
 fresh Python process (`SCRIPT --stage NAME --params JSON --out FILE`, so each peak RSS is that stage's
 own), and at `close` drops the databases, deletes the home, and stops the server if it started it.
+`parser` and `ran_stage` give each benchmark's command line the options that protocol needs.
 """
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -27,6 +29,32 @@ BENCH_HOME = ROOT / ".legal_batch" / "bench"
 MB = 1024 * 1024
 
 Figures = dict[str, float | int | str]
+
+
+def parser(doc: str, stages: dict) -> argparse.ArgumentParser:
+    """A benchmark's argument parser (described by the first paragraph of `doc`), with `--keep` and the
+    hidden `--stage NAME --params JSON --out FILE` that `Bench.stage` starts its child processes with."""
+    made = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    made.add_argument("--keep", action="store_true", help="keep the database and home (for debugging)")
+    made.add_argument("--stage", choices=sorted(stages), help=argparse.SUPPRESS)
+    made.add_argument("--params", default="{}", help=argparse.SUPPRESS)
+    made.add_argument("--out", help=argparse.SUPPRESS)
+    return made
+
+
+def ran_stage(args: argparse.Namespace, stages: dict) -> bool:
+    """In a child process started by `Bench.stage`: run its stage and write the figures to `--out`."""
+    if not args.stage:
+        return False
+    Path(args.out).write_text(json.dumps(stages[args.stage](json.loads(args.params))))
+    return True
+
+
+def write_results(path: Path, figures: Figures) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2) + "\n")
+    log(f"figures written to {path}")
 
 
 def log(message: str) -> None:

@@ -427,10 +427,15 @@ def is_judge_line(paragraph: str) -> bool:
 _MARKERS = re.compile(r"\[\d+\]|\*+")
 
 
+def _too_long_for_a_line(paragraph: str) -> bool:
+    """More than 40 words even without its footnote markers (`[12]`, `*`; removing them removes at
+    most as many words as they are): no heading, judge line, concurrence or disposition is this long."""
+    return not _at_most(paragraph, 40 + paragraph.count("[") + paragraph.count("*"))
+
+
 def is_disposition(paragraph: str) -> bool:
     """A short paragraph giving the outcome: `Affirmed.`, `It is so ordered.`, `The judgment is reversed.`"""
-    markers = paragraph.count("[") + paragraph.count("*")  # removing them removes at most as many words
-    if not _at_most(paragraph, 40 + markers):
+    if _too_long_for_a_line(paragraph):
         return False
     text = _MARKERS.sub("", paragraph).strip()
     return _at_most(text, 40) and bool(_DISPOSITION.match(text))
@@ -462,9 +467,7 @@ class SectionTracker:
         first_line = text.split("\n", 1)[0].strip()
         if has_cjk(text[:40]) and (kind := self._chinese(text)) is not None:
             return kind
-        if self.started and not _at_most(text, 40 + text.count("[") + text.count("*")):
-            # running prose (no heading, judge, concurrence or disposition line is this long); only a
-            # separate opinion may open in it
+        if self.started and _too_long_for_a_line(text):  # running prose: only a separate opinion may open in it
             return self._enter("reasoning") if _SEPARATE_OPENING.match(text) else self.section
         words = heading_words(text)
         if words is not None:

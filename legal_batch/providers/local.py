@@ -191,19 +191,13 @@ class LocalProvider:
         digest = int(hashlib.sha256(f"{salt}:{custom_id}".encode()).hexdigest()[:8], 16)
         return digest / 0xFFFFFFFF < self.fail_rate
 
-    def _respond(self, request: Request, *, model: str) -> dict:
-        """The response body; raises `local_models.Unanswerable` for a request the model has no answer
-        to (a text without features to embed, a judgment without a holding or disposition), which
-        fails that item with the reason, like a provider's 400 for an invalid request."""
+    def _respond(self, request: Request, *, model: str, base64: bool = False) -> dict:
+        """The response body (an embedding as base64 when `base64`, else a list of floats); raises
+        `local_models.Unanswerable` for a request the model has no answer to (a text without features
+        to embed, a judgment without a holding or disposition), which fails that item with the reason,
+        like a provider's 400 for an invalid request."""
         if isinstance(request, EmbeddingRequest):
-            vector = local_models.embed(request.text, dims=self.dimensions)
-            tokens = count_tokens(request.text)
-            return {
-                "object": "list",
-                "data": [{"object": "embedding", "index": 0, "embedding": vector.tolist()}],
-                "model": model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
+            return _embedding_body(_embed_one((request.text, self.dimensions)), model=model, base64=base64)
         return _chat_completion(request, model=model)
 
     def _process(self, job: dict) -> None:
@@ -235,15 +229,10 @@ class LocalProvider:
                     err.write(_error_line(custom_id, 500, "server_error", "injected failure"))
                     continue
                 request = _request_of(line)
-                encoding = (line.get("body") or {}).get("encoding_format")
+                base64 = (line.get("body") or {}).get("encoding_format") == "base64"
                 try:
-                    if index in vectors:
-                        body = _embedding_body(vectors[index], model=job["model"], base64=encoding == "base64")
-                    else:
-                        body = self._respond(request, model=job["model"])
-                        if encoding == "base64" and "data" in body:
-                            for data in body["data"]:
-                                data["embedding"] = _base64(np.asarray(data["embedding"], dtype="<f4").tobytes())
+                    body = (_embedding_body(vectors[index], model=job["model"], base64=base64) if index in vectors
+                            else self._respond(request, model=job["model"], base64=base64))
                 except local_models.Unanswerable as exc:
                     failed += 1
                     err.write(_error_line(custom_id, 400, "invalid_request", str(exc)))
@@ -320,14 +309,10 @@ def _embedding_body(answer: tuple[bytes, int] | str, *, model: str, base64: bool
         raise local_models.NoFeatures(answer)
     vector, tokens = answer
     return {"object": "list", "data": [{"object": "embedding", "index": 0,
-                                        "embedding": _base64(vector) if base64
-                                        else np.frombuffer(vector, dtype=np.float32).tolist()}],
+                                        # base64: the little-endian float32 bytes, as the API gives them
+                                        "embedding": pybase64.b64encode(vector).decode("ascii") if base64
+                                        else np.frombuffer(vector, dtype="<f4").tolist()}],
             "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-
-def _base64(vector: bytes) -> str:
-    """An embedding as the API's `base64` format gives it: its little-endian float32 bytes, encoded."""
-    return pybase64.b64encode(vector).decode("ascii")
 
 
 def local_models_name(endpoint: Endpoint) -> str:
